@@ -1,0 +1,343 @@
+"""Meta networks: the learned map from quantized-weight gradients to weight gradients.
+
+A meta network is shared by every quantized layer and applied coordinate-wise:
+each weight element is one row of an `(N, 1)` input. `MetaQuantModel` stacks
+the rows of all quantized kernels into one `(N_total, 1)` column (one matmul
+instead of one per layer), passing `segment_ids` that say which kernel each row
+belongs to, for networks that normalise per kernel.
+
+Every network maps `(g, w_tilde[, state]) -> (m, new_state)` where
+`g = dL/dW_hat` and `w_tilde = A(W)` of the previous step (METAQUANT.md
+section 4). The weight gradient MetaQuant applies is `calib(W) * m`.
+
+Initialisation follows the PyTorch defaults of the reference: a Linear layer
+with fan-in `f` draws weights from U(-1/sqrt(f), 1/sqrt(f)); the LSTM draws all
+weights and both biases from U(-1/sqrt(hidden), 1/sqrt(hidden)).
+"""
+
+import math
+
+import keras
+from keras import ops
+
+_PACKAGE = "mq_keras"
+
+
+def _torch_linear_init(fan_in, seed):
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-bound, bound, seed=seed)
+
+
+def _seed(seed, offset):
+    return None if seed is None else seed + offset
+
+
+class MetaNetwork(keras.layers.Layer):
+    """Base class: a coordinate-wise network `(g, w_tilde, state) -> (m, state)`.
+
+    Subclasses create their weights in `build()` and implement `call`.
+
+    Args:
+        hidden_size: width of the hidden layers.
+        seed: optional int for reproducible initialisation.
+    """
+
+    #: Floats of recurrent state per weight element (0: stateless).
+    state_size = 0
+
+    def __init__(self, *, hidden_size=100, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(
+                f"hidden_size must be a positive int, got {hidden_size!r}."
+            )
+        self.hidden_size = hidden_size
+        self.seed = seed
+
+    def initial_state(self, num_rows):
+        """Zero recurrent state for `num_rows` weight elements."""
+        return ()
+
+    def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
+        """Returns `(m, new_state)`; `grad`, `w_tilde` and `m` are `(N, 1)`."""
+        raise NotImplementedError
+
+    def compute_output_spec(self, *args, **kwargs):
+        raise NotImplementedError("Meta networks are not used symbolically.")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"hidden_size": self.hidden_size, "seed": self.seed})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class FCGrad(MetaNetwork):
+    """FC-Grad: two bias-free linear maps of the gradient alone.
+
+    Forward: `m = (g @ W1) @ W2` with `W1: (1, H)`, `W2: (H, 1)`.
+    Backward: ordinary autograd. Without bias or non-linearity this is one
+    learned scalar `k = W1 @ W2`, `m = k * g`: a learned learning-rate
+    multiplier (METAQUANT.md section 4).
+    """
+
+    name_key = "fc_grad"
+
+    def build(self, input_shape=None):
+        h = self.hidden_size
+        self.w1 = self.add_weight(
+            name="w1", shape=(1, h), initializer=_torch_linear_init(1, self.seed)
+        )
+        self.w2 = self.add_weight(
+            name="w2",
+            shape=(h, 1),
+            initializer=_torch_linear_init(h, _seed(self.seed, 1)),
+        )
+        self.built = True
+
+    def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
+        return ops.matmul(ops.matmul(grad, self.w1), self.w2), ()
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class MultiFC(MetaNetwork):
+    """MultiFC: `m = g * f(w_tilde)`, `f` a stack of bias-free linear layers.
+
+    Forward: `f(x) = act(...act(x @ W0) @ W1 ...) @ W_{L-1}`, widths
+    1 -> H -> ... -> H -> 1; `num_layers=3` and no activation reproduce the
+    published runs (the paper text says 2 layers; the logs used 3).
+    Backward: ordinary autograd.
+
+    Args:
+        num_layers: number of linear layers (>= 2).
+        activation: optional activation between layers (reference: none).
+    """
+
+    name_key = "multifc"
+
+    def __init__(self, *, num_layers=3, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(num_layers, int) or num_layers < 2:
+            raise ValueError(f"num_layers must be an int >= 2, got {num_layers!r}.")
+        self.num_layers = num_layers
+        self.activation = keras.activations.get(activation)
+        self._activation_config = activation
+
+    def build(self, input_shape=None):
+        h = self.hidden_size
+        dims = [1] + [h] * (self.num_layers - 1) + [1]
+        self.kernels = [
+            self.add_weight(
+                name=f"w{i}",
+                shape=(dims[i], dims[i + 1]),
+                initializer=_torch_linear_init(dims[i], _seed(self.seed, i)),
+            )
+            for i in range(self.num_layers)
+        ]
+        self.built = True
+
+    def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
+        x = w_tilde
+        for i, k in enumerate(self.kernels):
+            x = ops.matmul(x, k)
+            if i < len(self.kernels) - 1:
+                x = self.activation(x)
+        return grad * x, ()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_layers": self.num_layers,
+                "activation": keras.activations.serialize(self.activation)
+                if self._activation_config is not None
+                else None,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LSTMFC(MetaNetwork):
+    """LSTMFC: `m = g * (LSTM(w_tilde; h, c) @ w + b)`.
+
+    Forward, per weight element, one LSTM step (gate order i, f, g, o as
+    PyTorch and Keras)::
+
+        z = x @ K + b_ih + h @ R + b_hh
+        i, f, o = sigmoid(z_i), sigmoid(z_f), sigmoid(z_o);  u = tanh(z_g)
+        c' = f * c + i * u;  h' = o * tanh(c');  m = g * (h' @ w + b)
+
+    `(h', c')` is the new state, carried to the next step by `MetaQuantModel`
+    (or reset every step, the paper-era behaviour). Two bias vectors, as in
+    PyTorch, so that Adam moves them exactly as the reference did.
+    Backward: ordinary autograd (state is an input, not differentiated).
+    """
+
+    name_key = "lstmfc"
+
+    @property
+    def state_size(self):
+        return self.hidden_size
+
+    def build(self, input_shape=None):
+        h = self.hidden_size
+        lstm_init = _torch_linear_init(h, self.seed)
+        self.kernel = self.add_weight(
+            name="kernel", shape=(1, 4 * h), initializer=lstm_init
+        )
+        self.recurrent_kernel = self.add_weight(
+            name="recurrent_kernel",
+            shape=(h, 4 * h),
+            initializer=_torch_linear_init(h, _seed(self.seed, 1)),
+        )
+        self.bias_ih = self.add_weight(
+            name="bias_ih",
+            shape=(4 * h,),
+            initializer=_torch_linear_init(h, _seed(self.seed, 2)),
+        )
+        self.bias_hh = self.add_weight(
+            name="bias_hh",
+            shape=(4 * h,),
+            initializer=_torch_linear_init(h, _seed(self.seed, 3)),
+        )
+        self.fc_kernel = self.add_weight(
+            name="fc_kernel",
+            shape=(h, 1),
+            initializer=_torch_linear_init(h, _seed(self.seed, 4)),
+        )
+        self.fc_bias = self.add_weight(
+            name="fc_bias",
+            shape=(1,),
+            initializer=_torch_linear_init(h, _seed(self.seed, 5)),
+        )
+        self.built = True
+
+    def initial_state(self, num_rows):
+        zeros = ops.zeros((num_rows, self.hidden_size))
+        return (zeros, zeros)
+
+    def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
+        h_prev, c_prev = state if state else self.initial_state(grad.shape[0])
+        z = (
+            ops.matmul(w_tilde, self.kernel)
+            + self.bias_ih
+            + ops.matmul(h_prev, self.recurrent_kernel)
+            + self.bias_hh
+        )
+        zi, zf, zg, zo = ops.split(z, 4, axis=-1)
+        c = ops.sigmoid(zf) * c_prev + ops.sigmoid(zi) * ops.tanh(zg)
+        h = ops.sigmoid(zo) * ops.tanh(c)
+        out = ops.matmul(h, self.fc_kernel) + self.fc_bias
+        return grad * out, (h, c)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class GainMLP(MetaNetwork):
+    """Ours: a positive, scale-free, per-coordinate gain on the STE gradient.
+
+    Forward::
+
+        g_n = g / rms_k(g);   w_n = (w_tilde - mean_k(w_tilde)) / std_k(w_tilde)
+        z = MLP([g_n, w_n])             (2 -> H -> H -> 1, tanh hidden units)
+        m = g * max_gain * sigmoid(z)
+
+    where `rms_k`, `mean_k`, `std_k` are taken over the rows of the same
+    kernel (`segment_ids`). Why this shape:
+
+    * the gain is in (0, max_gain), so `m` never flips the sign of a
+      coordinate's STE gradient: the step stays a descent direction, unlike
+      the reference networks, whose outputs can change sign;
+    * inputs are normalised per kernel, so the function is invariant to the
+      scale of the gradient (learning rate, loss scaling, batch size) and of
+      the weights (DoReFa's [0, 1] vs BWN's raw W);
+    * the last layer starts at zero with the bias set so the gain is 1:
+      training starts exactly at the STE and learns departures from it;
+    * it is non-linear in both inputs, which FC-Grad and MultiFC are not.
+
+    Backward: ordinary autograd.
+
+    Args:
+        hidden_size: hidden width (default 32).
+        max_gain: upper bound of the per-coordinate gain (default 4).
+    """
+
+    name_key = "gain_mlp"
+
+    def __init__(self, *, hidden_size=32, max_gain=4.0, **kwargs):
+        super().__init__(hidden_size=hidden_size, **kwargs)
+        if not max_gain > 1.0:
+            raise ValueError(f"max_gain must be > 1, got {max_gain!r}.")
+        self.max_gain = float(max_gain)
+
+    def build(self, input_shape=None):
+        h = self.hidden_size
+        glorot = keras.initializers.GlorotUniform
+        self.w1 = self.add_weight(
+            name="w1", shape=(2, h), initializer=glorot(seed=self.seed)
+        )
+        self.b1 = self.add_weight(name="b1", shape=(h,), initializer="zeros")
+        self.w2 = self.add_weight(
+            name="w2", shape=(h, h), initializer=glorot(seed=_seed(self.seed, 1))
+        )
+        self.b2 = self.add_weight(name="b2", shape=(h,), initializer="zeros")
+        self.w3 = self.add_weight(name="w3", shape=(h, 1), initializer="zeros")
+        # sigmoid(b3) * max_gain == 1 at initialisation.
+        b3 = -math.log(self.max_gain - 1.0)
+        self.b3 = self.add_weight(
+            name="b3",
+            shape=(1,),
+            initializer=keras.initializers.Constant(b3),
+        )
+        self.built = True
+
+    @staticmethod
+    def _segment_mean(x, segment_ids, num_segments):
+        if segment_ids is None:
+            return ops.mean(x, axis=0, keepdims=True)
+        s = ops.segment_sum(x, segment_ids, num_segments=num_segments)
+        n = ops.segment_sum(ops.ones_like(x), segment_ids, num_segments=num_segments)
+        return ops.take(s / ops.maximum(n, 1.0), segment_ids, axis=0)
+
+    def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
+        eps = 1e-12
+        mean = lambda x: self._segment_mean(x, segment_ids, num_segments)  # noqa: E731
+        g_n = grad / ops.sqrt(mean(ops.square(grad)) + eps)
+        w_c = w_tilde - mean(w_tilde)
+        w_n = w_c / ops.sqrt(mean(ops.square(w_c)) + eps)
+        x = ops.concatenate([g_n, w_n], axis=-1)
+        x = ops.tanh(ops.matmul(x, self.w1) + self.b1)
+        x = ops.tanh(ops.matmul(x, self.w2) + self.b2)
+        z = ops.matmul(x, self.w3) + self.b3
+        return grad * (self.max_gain * ops.sigmoid(z)), ()
+
+    def get_config(self):
+        config = super().get_config()
+        config["max_gain"] = self.max_gain
+        return config
+
+
+_REGISTRY = {cls.name_key: cls for cls in (FCGrad, MultiFC, LSTMFC, GainMLP)}
+
+
+def get(identifier, **options):
+    """Returns a meta network from a name, a config dict or an instance.
+
+    Args:
+        identifier: "fc_grad", "multifc", "lstmfc", "gain_mlp", a
+            `MetaNetwork`, or a serialized one.
+        **options: constructor options (`hidden_size`, `seed`, ...).
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if isinstance(identifier, MetaNetwork):
+        return identifier
+    if isinstance(identifier, dict):
+        return keras.saving.deserialize_keras_object(identifier)
+    if isinstance(identifier, str) and identifier.lower() in _REGISTRY:
+        return _REGISTRY[identifier.lower()](**options)
+    raise ValueError(
+        f"Unknown meta_network {identifier!r}; allowed names are "
+        f"{sorted(_REGISTRY)} (or estimator='ste' for the plain STE)."
+    )

@@ -1,0 +1,477 @@
+"""`MetaQuantModel`: trains a wrapped model with MetaQuant's meta-learned gradient.
+
+One training step under `semantics="code"` (METAQUANT.md section 2; the
+semantics of the official code that produced the published tables), for each
+quantized kernel `W` with state `g' = dL/dW_hat`, `w' = W_tilde` and `r'`
+(last update direction) from the previous step, and `lr` the base optimizer's
+*current* learning rate::
+
+    m = M_phi(g', w')                          (one call for all kernels)
+    u = calib(W) * m
+    V = W - lr * (u + stop_gradient(r' - u))   (numerically W - lr * r')
+    b_V = b - lr * stop_gradient(r'_b)         (biases of quantized layers)
+    L = loss(f(x; Q(A(V)), b_V))
+    phi <- meta_optimizer(dL/dphi)             (dL/dphi flows V -> u -> m -> phi)
+    W   <- optimizer(calib(W) * stop_gradient(m))   every other variable: autograd
+    r = (W_before - W_after) / lr;  g' = dL/dW_hat;  w' = A(V)
+
+The first step only records `g'`, `w'` and `r' = dL/dV` (the raw STE gradient)
+and updates nothing, as the reference does; both optimizers' counters therefore
+start at the second step.
+
+`semantics="paper"` (Eq. 6 and 8 of the paper) evaluates the look-ahead at this
+step's real update instead: the kernels are updated first with
+`calib(W) * M_phi(g', w')`, the loss is taken at the new kernels, and the meta
+gradient uses the meta network's own output as `dL/dW_tilde` instead of the STE::
+
+    dL/dphi = sum(calib(V) * M_phi(dL/dW_hat, W_tilde) * dV/dphi)
+
+Biases and other variables are then updated with their ordinary gradients (by
+a twin of the base optimizer, so that each optimizer counts one step per step).
+
+`estimator="ste"` trains the same wrappers with the plain straight-through
+estimator (Keras' ordinary train step), for like-for-like comparisons.
+"""
+
+import numpy as np
+import keras
+import tensorflow as tf
+from keras import ops
+
+from mq_keras import meta_networks
+from mq_keras.layers import MetaQuantWrapper, training_context
+
+_PACKAGE = "mq_keras"
+ESTIMATORS = ("metaquant", "ste")
+SEMANTICS = ("code", "paper")
+
+
+def iter_layers(model):
+    """Yields every layer of a Functional/Sequential model, nested models included."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model) or hasattr(layer, "layers"):
+            sub = getattr(layer, "layers", None)
+            if sub:
+                yield from iter_layers(layer)
+
+
+def wrappers_of(model):
+    return [l for l in iter_layers(model) if isinstance(l, MetaQuantWrapper)]
+
+
+def _safe_divide(x, lr):
+    # lr = 0 means no step was taken; keep r = 0 rather than 0/0.
+    return ops.where(lr > 0, x / ops.where(lr > 0, lr, 1.0), ops.zeros_like(x))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class MetaQuantModel(keras.Model):
+    """A quantized model trained with MetaQuant (or the plain STE).
+
+    Build it with `mq_keras.quantize_model`. It behaves as a Keras model:
+    `compile`, `fit`, `evaluate`, `predict`, `save`. Inference computes
+    `f(x; Q(A(W)))` with BatchNormalization in inference mode; the meta
+    network is used only by `train_step`.
+
+    Args:
+        model: a built Functional or Sequential model containing
+            `MetaQuantWrapper` layers.
+        meta_network: a meta network name or instance (ignored for "ste").
+        estimator: "metaquant" (default) or "ste".
+        semantics: "code" (default, the official code's step) or "paper".
+        reset_meta_state: for recurrent meta networks (LSTMFC), start every
+            step from a zero state (the paper-era code) instead of carrying
+            (h, c) across steps (the code at HEAD).
+    """
+
+    def __init__(self, model, meta_network="multifc", *, estimator="metaquant",
+                 semantics="code", reset_meta_state=False, **kwargs):
+        kwargs.setdefault("name", f"metaquant_{model.name}")
+        super().__init__(**kwargs)
+        if estimator not in ESTIMATORS:
+            raise ValueError(
+                f"Unknown estimator {estimator!r}; allowed values are {ESTIMATORS}."
+            )
+        if semantics not in SEMANTICS:
+            raise ValueError(
+                f"Unknown semantics {semantics!r}; allowed values are {SEMANTICS}."
+            )
+        if not model.built:
+            raise ValueError(
+                f"Model {model.name!r} is not built; call it on data or give it "
+                "an Input first."
+            )
+        self.quantized_model = model
+        self.estimator = estimator
+        self.semantics = semantics
+        self.reset_meta_state = bool(reset_meta_state)
+        self.wrappers = wrappers_of(model)
+        if not self.wrappers:
+            raise ValueError(
+                f"Model {model.name!r} has no MetaQuantWrapper layer: nothing to "
+                "quantize. Use mq_keras.quantize_model on a model with Dense or "
+                "convolution layers."
+            )
+        self._slots = [(w, s) for w in self.wrappers for s in w.slots]
+        self._sizes = [int(np.prod(s.variable.shape)) for _, s in self._slots]
+        self._segment_ids = np.repeat(
+            np.arange(len(self._sizes), dtype="int32"), self._sizes
+        )
+        self.meta_step = self.add_weight(
+            name="meta_step", shape=(), dtype="int64", initializer="zeros",
+            trainable=False,
+        )
+        self.meta_network = None
+        self.meta_state = []
+        if estimator == "metaquant":
+            self.meta_network = meta_networks.get(meta_network)
+            if not self.meta_network.built:
+                self.meta_network.build()
+            size = self.meta_network.state_size
+            if size:
+                self.meta_state = [
+                    self.add_weight(
+                        name=f"meta_state_{k}", shape=(sum(self._sizes), size),
+                        initializer="zeros", trainable=False, dtype="float32",
+                    )
+                    for k in ("h", "c")
+                ]
+            self.meta_loss_tracker = keras.metrics.Mean(name="meta_loss")
+            self.grad_ratio_tracker = keras.metrics.Mean(name="meta_grad_ratio")
+        self.meta_optimizer = None
+        self._rest_optimizer = None
+        self.built = True
+
+    # ------------------------------------------------------------------ Keras API
+    def call(self, inputs, training=None):
+        return self.quantized_model(inputs, training=training)
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        if self.estimator == "metaquant":
+            metrics = metrics + [self.meta_loss_tracker, self.grad_ratio_tracker]
+        return metrics
+
+    @property
+    def base_variables(self):
+        """Trainable variables of the quantized model (what `optimizer` updates)."""
+        return self.quantized_model.trainable_variables
+
+    def compile(self, optimizer="rmsprop", *, meta_optimizer=None, **kwargs):
+        """Configures training. As `keras.Model.compile`, plus:
+
+        Args:
+            optimizer: the base optimizer (updates weights, biases, BN).
+            meta_optimizer: optimizer of the meta network; required for the
+                "metaquant" estimator. The reference used Adam(1e-3) in the
+                form of `mq_keras.PaperAdam`.
+            **kwargs: passed to `keras.Model.compile`.
+        """
+        if self.estimator == "metaquant" and meta_optimizer is None:
+            raise ValueError(
+                "MetaQuantModel.compile() needs meta_optimizer= for the "
+                "'metaquant' estimator, e.g. meta_optimizer="
+                "mq_keras.PaperAdam(1e-3) (the reference's) or "
+                "keras.optimizers.Adam(1e-3)."
+            )
+        super().compile(optimizer=optimizer, **kwargs)
+        # Build the base optimizer on the base variables only, so that the
+        # meta network never gets base-optimizer slots.
+        self.optimizer.build(self.base_variables)
+        if self.estimator == "metaquant":
+            self.meta_optimizer = keras.optimizers.get(meta_optimizer)
+            self.meta_optimizer.build(self.meta_network.trainable_variables)
+            if self.semantics == "paper":
+                kernel_ids = {id(v) for v in self._kernel_variables()}
+                rest = [v for v in self.base_variables if id(v) not in kernel_ids]
+                self._rest_optimizer = type(self.optimizer).from_config(
+                    self.optimizer.get_config()
+                )
+                self._rest_optimizer.build(rest)
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config is not None and self.meta_optimizer is not None:
+            config["meta_optimizer"] = keras.saving.serialize_keras_object(
+                self.meta_optimizer
+            )
+        return config
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "model": keras.saving.serialize_keras_object(self.quantized_model),
+            "meta_network": keras.saving.serialize_keras_object(self.meta_network)
+            if self.meta_network is not None else None,
+            "estimator": self.estimator,
+            "semantics": self.semantics,
+            "reset_meta_state": self.reset_meta_state,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(
+            config.pop("model"), custom_objects=custom_objects
+        )
+        meta = config.pop("meta_network")
+        if meta is not None:
+            meta = keras.saving.deserialize_keras_object(
+                meta, custom_objects=custom_objects
+            )
+        return cls(model, meta, **config)
+
+    # ------------------------------------------------------------- meta step
+    def _kernel_variables(self):
+        return [s.variable for _, s in self._slots]
+
+    def _meta_forward(self, grads=None, w_tildes=None, state=None):
+        """Applies the meta network to all kernels at once.
+
+        Returns `(list of m shaped like each kernel, new_state)`.
+        """
+        if grads is None:
+            grads = [s.prev_grad for _, s in self._slots]
+            w_tildes = [s.prev_w_tilde for _, s in self._slots]
+        g = ops.concatenate([ops.reshape(t, (-1, 1)) for t in grads], axis=0)
+        wt = ops.concatenate([ops.reshape(t, (-1, 1)) for t in w_tildes], axis=0)
+        if state is None:
+            state = self._current_meta_state()
+        m, new_state = self.meta_network.call(
+            g, wt, state,
+            segment_ids=ops.convert_to_tensor(self._segment_ids),
+            num_segments=len(self._sizes),
+        )
+        parts = ops.split(m, np.cumsum(self._sizes)[:-1].tolist(), axis=0)
+        shaped = [ops.reshape(p, s.variable.shape) for p, (_, s) in zip(parts, self._slots)]
+        return shaped, new_state
+
+    def _current_meta_state(self):
+        if not self.meta_state:
+            return ()
+        if self.reset_meta_state:
+            return self.meta_network.initial_state(sum(self._sizes))
+        return tuple(ops.convert_to_tensor(v) for v in self.meta_state)
+
+    def _bias_entries(self):
+        return [w for w in self.wrappers if w.bias_variable is not None]
+
+    def _forward_loss(self, x, y, sample_weight, latents):
+        with training_context(latents) as ctx:
+            y_pred = self(x, training=True)
+        loss = self._compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        )
+        return y_pred, loss, ctx.records
+
+    def _regularization_grads(self, kernels):
+        """Gradient of each kernel's own regularizer (not seen through V)."""
+        grads = []
+        for v in kernels:
+            reg = getattr(v, "regularizer", None)
+            if reg is None:
+                grads.append(None)
+                continue
+            with tf.GradientTape() as tape:
+                value = ops.convert_to_tensor(v)
+                tape.watch(value)
+                r = reg(value)
+            grads.append(tape.gradient(r, value))
+        return grads
+
+    def _track(self, x, y, y_pred, sample_weight, loss, meta_norm, ste_norm):
+        batch = tf.shape(tf.nest.flatten(x)[0])[0]
+        self._loss_tracker.update_state(loss, sample_weight=batch)
+        self.meta_loss_tracker.update_state(loss)
+        self.grad_ratio_tracker.update_state(
+            meta_norm / ops.maximum(ste_norm, 1e-30)
+        )
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def test_step(self, data):
+        logs = super().test_step(data)
+        # The meta trackers only mean something in training.
+        return {k: v for k, v in logs.items()
+                if k not in ("meta_loss", "meta_grad_ratio")}
+
+    def train_step(self, data):
+        if self.estimator == "ste":
+            return super().train_step(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self.semantics == "paper":
+            return self._paper_step(x, y, sample_weight)
+        return self._code_step(x, y, sample_weight)
+
+    def _code_step(self, x, y, sample_weight):
+        lr = ops.cast(self.optimizer.learning_rate, "float32")
+        first = ops.equal(self.meta_step, 0)
+        kernels = self._kernel_variables()
+        kernel_ids = {id(v) for v in kernels}
+        others = [v for v in self.base_variables if id(v) not in kernel_ids]
+        bias_wrappers = self._bias_entries()
+        phi = self.meta_network.trainable_variables
+
+        with tf.GradientTape() as tape:
+            ms, new_state = self._meta_forward()
+            latents, looks, calibs = {}, [], []
+            for (w, s), m in zip(self._slots, ms):
+                W = ops.convert_to_tensor(s.variable)
+                calib = w.kernel_quantizer.calibration(W, s.channel_axes)
+                u = calib * m
+                V = W - lr * (u + ops.stop_gradient(s.prev_update - u))
+                latents[id(s.variable)] = V
+                looks.append(V)
+                calibs.append(calib)
+            for w in bias_wrappers:
+                b = ops.convert_to_tensor(w.bias_variable)
+                latents[id(w.bias_variable)] = b - lr * ops.stop_gradient(
+                    w.bias_prev_update
+                )
+            y_pred, loss, records = self._forward_loss(x, y, sample_weight, latents)
+
+        w_tildes = [records[id(v)][0] for v in kernels]
+        w_hats = [records[id(v)][1] for v in kernels]
+        grads = tape.gradient(loss, list(phi) + w_hats + looks + others)
+        n_phi, n_k = len(phi), len(kernels)
+        g_phi = grads[:n_phi]
+        g_what = grads[n_phi:n_phi + n_k]
+        g_look = grads[n_phi + n_k:n_phi + 2 * n_k]
+        g_other = grads[n_phi + 2 * n_k:]
+        g_what = [ops.zeros_like(v) if g is None else g for g, v in zip(g_what, kernels)]
+        g_look = [ops.zeros_like(v) if g is None else g for g, v in zip(g_look, kernels)]
+        g_phi = [ops.zeros_like(v) if g is None else g for g, v in zip(g_phi, phi)]
+        reg = self._regularization_grads(kernels)
+        g_kernel = [
+            c * ops.stop_gradient(m) + (0.0 if r is None else r)
+            for c, m, r in zip(calibs, ms, reg)
+        ]
+        bias_vars = [w.bias_variable for w in bias_wrappers]
+        bias_ids = {id(b): i for i, b in enumerate(bias_vars)}
+        g_bias = [None] * len(bias_vars)
+        for v, g in zip(others, g_other):
+            if id(v) in bias_ids:
+                g_bias[bias_ids[id(v)]] = g
+
+        def record_first_step():
+            # Iteration 0 updates nothing; its raw STE gradients become r'.
+            for (_, s), g in zip(self._slots, g_look):
+                s.prev_update.assign(g)
+            for w, g in zip(bias_wrappers, g_bias):
+                w.bias_prev_update.assign(
+                    ops.zeros_like(w.bias_variable) if g is None else g
+                )
+            return ops.zeros((), "int32")
+
+        def update():
+            self.meta_optimizer.apply_gradients(zip(g_phi, phi))
+            tracked = kernels + bias_vars
+            before = [ops.convert_to_tensor(v) + 0.0 for v in tracked]
+            self.optimizer.apply_gradients(
+                [(g, v) for g, v in zip(g_kernel + g_other, kernels + others)
+                 if g is not None]
+            )
+            updates = [_safe_divide(b - ops.convert_to_tensor(v), lr)
+                       for b, v in zip(before, tracked)]
+            for (_, s), r in zip(self._slots, updates[:n_k]):
+                s.prev_update.assign(r)
+            for w, r in zip(bias_wrappers, updates[n_k:]):
+                w.bias_prev_update.assign(r)
+            if self.meta_state and not self.reset_meta_state:
+                for var, value in zip(self.meta_state, new_state):
+                    var.assign(value)
+            return ops.zeros((), "int32")
+
+        ops.cond(first, record_first_step, update)
+        for (_, s), g, wt in zip(self._slots, g_what, w_tildes):
+            s.prev_grad.assign(g)
+            s.prev_w_tilde.assign(ops.cast(wt, "float32"))
+        self.meta_step.assign_add(1)
+        meta_norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in g_kernel))
+        ste_norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in g_look))
+        return self._track(x, y, y_pred, sample_weight, loss, meta_norm, ste_norm)
+
+    def _paper_step(self, x, y, sample_weight):
+        lr = ops.cast(self.optimizer.learning_rate, "float32")
+        first = ops.equal(self.meta_step, 0)
+        kernels = self._kernel_variables()
+        kernel_ids = {id(v) for v in kernels}
+        others = [v for v in self.base_variables if id(v) not in kernel_ids]
+        phi = self.meta_network.trainable_variables
+        reg = self._regularization_grads(kernels)
+
+        with tf.GradientTape(persistent=True) as meta_tape:
+            ms, new_state = self._meta_forward()
+            calibs = [
+                w.kernel_quantizer.calibration(ops.convert_to_tensor(s.variable),
+                                               s.channel_axes)
+                for (w, s), m in zip(self._slots, ms)
+            ]
+            g_kernel = [
+                c * ops.stop_gradient(m) + (0.0 if r is None else r)
+                for c, m, r in zip(calibs, ms, reg)
+            ]
+            before = [ops.convert_to_tensor(v) + 0.0 for v in kernels]
+
+            def step_kernels():
+                self.optimizer.apply_gradients(zip(g_kernel, kernels))
+                return [b - ops.convert_to_tensor(v) for b, v in zip(before, kernels)]
+
+            def no_step():
+                return [ops.zeros_like(b) for b in before]
+
+            deltas = ops.cond(first, no_step, step_kernels)
+            looks = []
+            for c, m, b, d in zip(calibs, ms, before, deltas):
+                step = lr * (c * m)
+                looks.append(b - (step + ops.stop_gradient(d - step)))
+
+        latents = {id(v): V for v, V in zip(kernels, looks)}
+        with tf.GradientTape() as tape:
+            tape.watch(looks)
+            y_pred, loss, records = self._forward_loss(x, y, sample_weight, latents)
+        w_tildes = [records[id(v)][0] for v in kernels]
+        w_hats = [records[id(v)][1] for v in kernels]
+        grads = tape.gradient(loss, w_hats + looks + others)
+        n_k = len(kernels)
+        g_what = [ops.zeros_like(v) if g is None else g for g, v in zip(grads[:n_k], kernels)]
+        g_look = [ops.zeros_like(v) if g is None else g
+                  for g, v in zip(grads[n_k:2 * n_k], kernels)]
+        g_other = grads[2 * n_k:]
+
+        # Eq. 8: the meta network's output at this step's (dL/dW_hat, W_tilde)
+        # stands in for the STE as dL/dW_tilde when differentiating w.r.t. phi.
+        state_after = new_state if (self.meta_state and not self.reset_meta_state) \
+            else self._current_meta_state()
+        m_now, _ = self._meta_forward(g_what, w_tildes, state_after)
+        cotangents = [
+            ops.stop_gradient(w.kernel_quantizer.calibration(V, s.channel_axes) * m)
+            for (w, s), V, m in zip(self._slots, looks, m_now)
+        ]
+        g_phi = meta_tape.gradient(looks, phi, output_gradients=cotangents)
+        del meta_tape
+        g_phi = [ops.zeros_like(v) if g is None else g for g, v in zip(g_phi, phi)]
+
+        def update():
+            self.meta_optimizer.apply_gradients(zip(g_phi, phi))
+            pairs = [(g, v) for g, v in zip(g_other, others) if g is not None]
+            if pairs:
+                self._rest_optimizer.apply_gradients(pairs)
+            if self.meta_state and not self.reset_meta_state:
+                for var, value in zip(self.meta_state, new_state):
+                    var.assign(value)
+            return ops.zeros((), "int32")
+
+        ops.cond(first, lambda: ops.zeros((), "int32"), update)
+        for (_, s), g, wt in zip(self._slots, g_what, w_tildes):
+            s.prev_grad.assign(g)
+            s.prev_w_tilde.assign(ops.cast(wt, "float32"))
+        self.meta_step.assign_add(1)
+        meta_norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in g_kernel))
+        ste_norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in g_look))
+        return self._track(x, y, y_pred, sample_weight, loss, meta_norm, ste_norm)

@@ -1,0 +1,398 @@
+"""Weight quantizers: forward `Q(A(W))`, the STE backward, and MetaQuant's `calib`.
+
+Every quantizer splits the map from a latent float kernel `W` to the quantized
+kernel `W_hat` into two stages, because MetaQuant needs the value in between:
+
+* `pre_quantize(W) -> W_tilde = A(W)`, differentiable (ordinary autograd);
+* `quantize(W_tilde) -> W_hat = Q(W_tilde)`, a step function whose backward is
+  a straight-through estimator (STE) written with `tf.custom_gradient`.
+
+`calibration(W)` is `dW_hat/dW` under the STE *without* the gate, treated as a
+constant. MetaQuant multiplies its meta network's output by it to obtain the
+gradient it feeds to the base optimizer (METAQUANT.md sections 1 and 3).
+
+`channel_axes` names the axes of the kernel that index output channels (the
+wrapper knows them per layer type). Per-channel statistics reduce over every
+other axis; per-tensor ones reduce over all axes.
+"""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+_PACKAGE = "mq_keras"
+
+
+def _reduce_axes(rank, channel_axes):
+    """Axes to reduce for per-channel statistics of a rank-`rank` kernel."""
+    keep = {a % rank for a in channel_axes}
+    return tuple(a for a in range(rank) if a not in keep)
+
+
+def _check_bits(name, num_bits, allowed):
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int):
+        raise ValueError(
+            f"{name}: num_bits must be an int in {sorted(allowed)}, "
+            f"got {num_bits!r}."
+        )
+    if num_bits not in allowed:
+        raise ValueError(
+            f"{name}: num_bits={num_bits} is not supported; allowed values "
+            f"are {sorted(allowed)}."
+        )
+
+
+def _ste(forward, gate=None, slope=1.0):
+    """Returns `x -> forward(x)` whose gradient is `slope * dy [* gate(x)]`.
+
+    `tf.custom_gradient` keeps the forward value bit-exact (the
+    `x + stop_gradient(q - x)` trick would round), which export relies on.
+    """
+
+    @tf.custom_gradient
+    def fn(x):
+        y = forward(x)
+
+        def grad(dy):
+            g = dy if slope == 1.0 else slope * dy
+            if gate is None:
+                return g
+            return g * ops.cast(gate(x), dy.dtype)
+
+        return y, grad
+
+    return fn
+
+
+class Quantizer:
+    """Base class of the weight quantizers.
+
+    Subclasses implement `pre_quantize`, `quantize` and `calibration` and
+    describe their grid through `num_levels` and `bits_per_weight`.
+
+    Args:
+        num_bits: bit width of the quantized weight.
+    """
+
+    #: String name accepted by `get`.
+    name = None
+    #: Allowed `num_bits` values.
+    allowed_bits = ()
+
+    def __init__(self, *, num_bits):
+        _check_bits(type(self).__name__, num_bits, self.allowed_bits)
+        self.num_bits = num_bits
+
+    def __call__(self, w, channel_axes=(-1,)):
+        """Returns `Q(A(w))` with the STE backward."""
+        return self.quantize(self.pre_quantize(w, channel_axes), channel_axes)
+
+    def pre_quantize(self, w, channel_axes=(-1,)):
+        """Returns `W_tilde = A(W)` (differentiable)."""
+        raise NotImplementedError
+
+    def quantize(self, w_tilde, channel_axes=(-1,)):
+        """Returns `W_hat = Q(W_tilde)` with a straight-through backward."""
+        raise NotImplementedError
+
+    def calibration(self, w, channel_axes=(-1,)):
+        """Returns `calib(W)`, broadcastable to `W`, as a constant."""
+        return ops.ones((), dtype=w.dtype)
+
+    @property
+    def num_levels(self):
+        """Maximum number of distinct values per output channel."""
+        return 2**self.num_bits
+
+    @property
+    def bits_per_weight(self):
+        """Storage bits per weight on a packed device format."""
+        return self.num_bits
+
+    def num_scales(self, kernel_shape, channel_axes=(-1,)):
+        """Number of float32 scale values stored beside the codes."""
+        return 1
+
+    def get_config(self):
+        return {"num_bits": self.num_bits}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and (
+            self.get_config() == other.get_config()
+        )
+
+    def __hash__(self):
+        return hash((type(self).__name__, tuple(self.get_config().items())))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class DoReFa(Quantizer):
+    """DoReFa-Net k-bit weight quantizer (Zhou et al. 2016), as MetaQuant used it.
+
+    Forward::
+
+        t = tanh(W);  W_tilde = t / (2 * max|t|) + 1/2          (max: stop_gradient)
+        W_hat = 2 * round((2^k - 1) * W_tilde) / (2^k - 1) - 1   (round half to even)
+
+    At k = 1, `W_hat = sign(W)` in {-1, +1} (W = 0 maps to -1), no scale.
+
+    Backward (STE): `dL/dW_tilde = 2 * dL/dW_hat`, then autograd through
+    `A`, so `dL/dW = (1 - t^2) / max|t| * dL/dW_hat`.
+
+    calib: `(1 - tanh(W)^2) / max|tanh(W)|`, so `calib * dL/dW_hat` is the
+    exact STE gradient of `W`.
+
+    Args:
+        num_bits: 1 to 8.
+    """
+
+    name = "dorefa"
+    allowed_bits = tuple(range(1, 9))
+
+    def pre_quantize(self, w, channel_axes=(-1,)):
+        t = ops.tanh(w)
+        max_t = ops.stop_gradient(ops.max(ops.abs(t)))
+        # A zero kernel would give 0/0; any positive divisor maps it to 1/2.
+        max_t = ops.where(max_t > 0, max_t, ops.ones_like(max_t))
+        return t / (2.0 * max_t) + 0.5
+
+    def quantize(self, w_tilde, channel_axes=(-1,)):
+        n = float(2**self.num_bits - 1)
+        # d(2*round(n*x)/n - 1)/dx with round's STE derivative 1 is 2.
+        return _ste(lambda x: 2.0 * ops.round(n * x) / n - 1.0, slope=2.0)(
+            w_tilde
+        )
+
+    def calibration(self, w, channel_axes=(-1,)):
+        t = ops.tanh(w)
+        max_t = ops.max(ops.abs(t))
+        max_t = ops.where(max_t > 0, max_t, ops.ones_like(max_t))
+        return ops.stop_gradient((1.0 - ops.square(t)) / max_t)
+
+    def num_scales(self, kernel_shape, channel_axes=(-1,)):
+        return 0  # levels are fixed odd multiples of 1/(2^k - 1)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class BWN(Quantizer):
+    """Binary weight network quantizer (Rastegari et al. 2016).
+
+    Forward: `W_tilde = W`; `W_hat = alpha * sign(W_tilde)` with
+    `alpha = mean|W_tilde|` over the whole kernel (or over each output channel
+    when `per_channel=True`), under stop_gradient. sign(0) = 0.
+
+    Backward (STE with the hard-tanh gate): `dL/dW = dL/dW_hat * 1[|W| <= 1]`.
+
+    calib: 1.
+
+    Args:
+        num_bits: must be 1.
+        per_channel: one alpha per output channel instead of per tensor.
+    """
+
+    name = "bwn"
+    allowed_bits = (1,)
+
+    def __init__(self, *, num_bits=1, per_channel=False):
+        super().__init__(num_bits=num_bits)
+        self.per_channel = bool(per_channel)
+
+    def pre_quantize(self, w, channel_axes=(-1,)):
+        return w
+
+    def _alpha(self, x, channel_axes):
+        if self.per_channel:
+            axes = _reduce_axes(len(x.shape), channel_axes)
+            return ops.mean(ops.abs(x), axis=axes, keepdims=True)
+        return ops.mean(ops.abs(x))
+
+    def quantize(self, w_tilde, channel_axes=(-1,)):
+        alpha = ops.stop_gradient(self._alpha(w_tilde, channel_axes))
+        fn = _ste(
+            lambda x: alpha * ops.sign(x), gate=lambda x: ops.abs(x) <= 1.0
+        )
+        return fn(w_tilde)
+
+    @property
+    def num_levels(self):
+        return 2
+
+    def num_scales(self, kernel_shape, channel_axes=(-1,)):
+        return _num_channels(kernel_shape, channel_axes) if self.per_channel else 1
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "per_channel": self.per_channel}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Ternary(Quantizer):
+    """Ternary weight network quantizer (TWN, Li et al. 2016).
+
+    Forward: `W_tilde = W`; `delta = 0.7 * mean|W|`;
+    `alpha = mean(|W| where |W| > delta)` (0 if none);
+    `W_hat = alpha * sign(W) * 1[|W| > delta]`, in {-alpha, 0, +alpha}.
+    Statistics are per tensor, or per output channel with `per_channel=True`,
+    under stop_gradient.
+
+    Backward (STE): `dL/dW = dL/dW_hat`.
+
+    calib: 1.
+
+    Args:
+        num_bits: must be 2 (three levels stored in two bits).
+        per_channel: statistics per output channel instead of per tensor.
+    """
+
+    name = "ternary"
+    allowed_bits = (2,)
+
+    def __init__(self, *, num_bits=2, per_channel=False):
+        super().__init__(num_bits=num_bits)
+        self.per_channel = bool(per_channel)
+
+    def pre_quantize(self, w, channel_axes=(-1,)):
+        return w
+
+    def quantize(self, w_tilde, channel_axes=(-1,)):
+        if self.per_channel:
+            axes = _reduce_axes(len(w_tilde.shape), channel_axes)
+        else:
+            axes = None
+        a = ops.stop_gradient(ops.abs(w_tilde))
+        delta = 0.7 * ops.mean(a, axis=axes, keepdims=True)
+        mask = ops.cast(a > delta, a.dtype)
+        count = ops.sum(mask, axis=axes, keepdims=True)
+        total = ops.sum(a * mask, axis=axes, keepdims=True)
+        alpha = total / ops.maximum(count, 1.0)
+        fn = _ste(lambda x: alpha * ops.sign(x) * mask)
+        return fn(w_tilde)
+
+    @property
+    def num_levels(self):
+        return 3
+
+    def num_scales(self, kernel_shape, channel_axes=(-1,)):
+        return _num_channels(kernel_shape, channel_axes) if self.per_channel else 1
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "per_channel": self.per_channel}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Uniform(Quantizer):
+    """Uniform symmetric k-bit quantizer with a per-channel scale.
+
+    Forward: `W_tilde = W`; `n = 2^(k-1) - 1`; `s = max|W| / n` per output
+    channel (per tensor with `per_channel=False`), under stop_gradient;
+    `W_hat = s * round(W / s)` (round half to even), in {-n*s, ..., n*s}.
+    The range covers max|W|, so nothing is clipped.
+
+    Backward (STE): `dL/dW = dL/dW_hat`.
+
+    calib: 1.
+
+    Args:
+        num_bits: 2 to 8.
+        per_channel: one scale per output channel (default) or per tensor.
+    """
+
+    name = "uniform"
+    allowed_bits = tuple(range(2, 9))
+
+    def __init__(self, *, num_bits, per_channel=True):
+        super().__init__(num_bits=num_bits)
+        self.per_channel = bool(per_channel)
+
+    def pre_quantize(self, w, channel_axes=(-1,)):
+        return w
+
+    def scale(self, w_tilde, channel_axes=(-1,)):
+        """The step `s` between adjacent levels (stop_gradient)."""
+        n = float(2 ** (self.num_bits - 1) - 1)
+        axes = (
+            _reduce_axes(len(w_tilde.shape), channel_axes)
+            if self.per_channel
+            else None
+        )
+        m = ops.max(ops.abs(w_tilde), axis=axes, keepdims=True)
+        # An all-zero channel keeps s = 1 so that it stays exactly zero.
+        m = ops.where(m > 0, m, ops.full_like(m, n))
+        return ops.stop_gradient(m / n)
+
+    def quantize(self, w_tilde, channel_axes=(-1,)):
+        s = self.scale(w_tilde, channel_axes)
+        return _ste(lambda x: s * ops.round(x / s))(w_tilde)
+
+    @property
+    def num_levels(self):
+        return 2**self.num_bits - 1
+
+    def num_scales(self, kernel_shape, channel_axes=(-1,)):
+        return _num_channels(kernel_shape, channel_axes) if self.per_channel else 1
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "per_channel": self.per_channel}
+
+
+def _num_channels(shape, channel_axes):
+    n = 1
+    for a in channel_axes:
+        n *= int(shape[a])
+    return n
+
+
+_REGISTRY = {cls.name: cls for cls in (DoReFa, BWN, Ternary, Uniform)}
+
+
+def get(identifier, *, num_bits=None, **options):
+    """Returns a quantizer from a name, a config dict or an instance.
+
+    Args:
+        identifier: one of "dorefa", "bwn", "ternary", "uniform", a `Quantizer`
+            instance (returned as is), or a serialized quantizer dict.
+        num_bits: bit width, for a string identifier. `None` takes the
+            quantizer's own default where it has one (bwn: 1, ternary: 2).
+        **options: extra keyword options of the quantizer (`per_channel`).
+
+    Raises:
+        ValueError: unknown name, or a bit width the quantizer does not take.
+    """
+    if isinstance(identifier, Quantizer):
+        return identifier
+    if isinstance(identifier, dict):
+        return keras.saving.deserialize_keras_object(identifier)
+    if not isinstance(identifier, str):
+        raise ValueError(
+            f"kernel_quantizer must be a string, a dict or a Quantizer, got "
+            f"{identifier!r}."
+        )
+    key = identifier.lower()
+    if key not in _REGISTRY:
+        raise ValueError(
+            f"Unknown kernel_quantizer {identifier!r}; allowed names are "
+            f"{sorted(_REGISTRY)}."
+        )
+    cls = _REGISTRY[key]
+    kwargs = dict(options)
+    if num_bits is not None:
+        kwargs["num_bits"] = num_bits
+    elif cls is DoReFa:
+        kwargs["num_bits"] = 1
+    elif cls is Uniform:
+        kwargs["num_bits"] = 8
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"Bad option for quantizer {identifier!r}: {e}") from e
+
+
+def serialize(quantizer):
+    return keras.saving.serialize_keras_object(quantizer)

@@ -1,0 +1,73 @@
+"""Per-layer report of what is quantized and what it costs to store."""
+
+import math
+
+from mq_keras.layers import MetaQuantWrapper
+from mq_keras.models import MetaQuantModel, iter_layers
+
+
+def _count(weights):
+    return sum(math.prod(w.shape) for w in weights)
+
+
+def summary(model, *, print_fn=print):
+    """Prints and returns a per-layer table: quantizer, bits, weights, memory.
+
+    Memory counts what a deployed model stores: quantized kernels at their
+    bit width plus their float32 scales; everything else (biases, BN
+    parameters and statistics, float layers) at 32 bits. MetaQuant's training
+    state is not counted.
+
+    Args:
+        model: a `MetaQuantModel` (or a model containing `MetaQuantWrapper`s).
+        print_fn: where to print lines (`None` prints nothing).
+
+    Returns:
+        A dict with `layers` (one dict per layer with weights) and the totals
+        `params`, `quantized_params`, `float32_bytes`, `bytes` and
+        `compression` (float32 bytes / bytes).
+    """
+    inner = model.quantized_model if isinstance(model, MetaQuantModel) else model
+    if not getattr(inner, "built", False):
+        raise ValueError(f"Model {inner.name!r} is not built.")
+    rows = []
+    for layer in iter_layers(inner):
+        if hasattr(layer, "layers") and not isinstance(layer, MetaQuantWrapper):
+            continue  # nested model: its layers are listed themselves
+        if isinstance(layer, MetaQuantWrapper):
+            q = layer.kernel_quantizer
+            kernels = [s.variable for s in layer.slots]
+            kernel_ids = {id(v) for v in kernels}
+            rest = [w for w in layer.layer.weights if id(w) not in kernel_ids]
+            n_q = _count(kernels)
+            scales = sum(q.num_scales(s.variable.shape, s.channel_axes) for s in layer.slots)
+            n_f = _count(rest)
+            nbytes = math.ceil(n_q * q.bits_per_weight / 8) + 4 * (scales + n_f)
+            rows.append({
+                "name": layer.name, "type": type(layer.layer).__name__,
+                "quantizer": q.name, "bits": q.num_bits,
+                "params": n_q + n_f, "quantized_params": n_q,
+                "float32_bytes": 4 * (n_q + n_f), "bytes": nbytes,
+            })
+        elif layer.weights:
+            n = _count(layer.weights)
+            rows.append({
+                "name": layer.name, "type": type(layer).__name__,
+                "quantizer": "float", "bits": 32, "params": n,
+                "quantized_params": 0, "float32_bytes": 4 * n, "bytes": 4 * n,
+            })
+    totals = {k: sum(r[k] for r in rows)
+              for k in ("params", "quantized_params", "float32_bytes", "bytes")}
+    totals["compression"] = totals["float32_bytes"] / max(totals["bytes"], 1)
+    if print_fn is not None:
+        header = f"{'layer':<28}{'type':<20} {'quantizer':<10}{'bits':>5}{'params':>11}{'bytes':>12}"
+        print_fn(header)
+        print_fn("-" * len(header))
+        for r in rows:
+            print_fn(f"{r['name']:<28}{r['type']:<20} {r['quantizer']:<10}"
+                     f"{r['bits']:>5}{r['params']:>11,}{r['bytes']:>12,}")
+        print_fn("-" * len(header))
+        print_fn(f"total params {totals['params']:,} ({totals['quantized_params']:,} "
+                 f"quantized); {totals['bytes']:,} bytes vs {totals['float32_bytes']:,} "
+                 f"float32: {totals['compression']:.2f}x smaller")
+    return {"layers": rows, **totals}
