@@ -248,7 +248,7 @@ class MetaQuantModel(keras.Model):
             segment_ids=ops.convert_to_tensor(self._segment_ids),
             num_segments=len(self._sizes),
         )
-        parts = ops.split(m, np.cumsum(self._sizes)[:-1].tolist(), axis=0)
+        parts = tf.split(m, self._sizes, axis=0)
         shaped = [ops.reshape(p, s.variable.shape) for p, (_, s) in zip(parts, self._slots)]
         return shaped, new_state
 
