@@ -184,8 +184,7 @@ class MetaQuantModel(keras.Model):
             self.meta_optimizer = keras.optimizers.get(meta_optimizer)
             self.meta_optimizer.build(self.meta_network.trainable_variables)
             if self.semantics == "paper":
-                kernel_ids = {id(v) for v in self._kernel_variables()}
-                rest = [v for v in self.base_variables if id(v) not in kernel_ids]
+                _, rest, _ = self._partition()
                 self._rest_optimizer = type(self.optimizer).from_config(
                     self.optimizer.get_config()
                 )
@@ -228,9 +227,6 @@ class MetaQuantModel(keras.Model):
         return cls(model, meta, **config)
 
     # ------------------------------------------------------------- meta step
-    def _kernel_variables(self):
-        return [s.variable for _, s in self._slots]
-
     def _meta_forward(self, grads=None, w_tildes=None, state=None):
         """Applies the meta network to all kernels at once.
 
@@ -259,8 +255,22 @@ class MetaQuantModel(keras.Model):
             return self.meta_network.initial_state(sum(self._sizes))
         return tuple(ops.convert_to_tensor(v) for v in self.meta_state)
 
-    def _bias_entries(self):
-        return [w for w in self.wrappers if w.bias_variable is not None]
+    def _partition(self):
+        """Splits what this step trains: active kernel slots, others, biases.
+
+        A slot whose kernel is not trainable (a frozen layer) keeps V = W and
+        is neither updated nor given a look-ahead; `trainable` is read when the
+        step is traced, as Keras does (recompile after changing it).
+        """
+        base = self.base_variables
+        base_ids = {id(v) for v in base}
+        active = [i for i, (_, s) in enumerate(self._slots)
+                  if id(s.variable) in base_ids]
+        kernel_ids = {id(self._slots[i][1].variable) for i in active}
+        others = [v for v in base if id(v) not in kernel_ids]
+        bias_wrappers = [w for w in self.wrappers if w.bias_variable is not None
+                         and id(w.bias_variable) in base_ids]
+        return active, others, bias_wrappers
 
     def _forward_loss(self, x, y, sample_weight, latents):
         with training_context(latents) as ctx:
@@ -311,16 +321,16 @@ class MetaQuantModel(keras.Model):
     def _code_step(self, x, y, sample_weight):
         lr = ops.cast(self.optimizer.learning_rate, "float32")
         first = ops.equal(self.meta_step, 0)
-        kernels = self._kernel_variables()
-        kernel_ids = {id(v) for v in kernels}
-        others = [v for v in self.base_variables if id(v) not in kernel_ids]
-        bias_wrappers = self._bias_entries()
+        active, others, bias_wrappers = self._partition()
+        slots = [self._slots[i] for i in active]
+        kernels = [s.variable for _, s in slots]
         phi = self.meta_network.trainable_variables
 
         with tf.GradientTape() as tape:
-            ms, new_state = self._meta_forward()
+            ms_all, new_state = self._meta_forward()
+            ms = [ms_all[i] for i in active]
             latents, looks, calibs = {}, [], []
-            for (w, s), m in zip(self._slots, ms):
+            for (w, s), m in zip(slots, ms):
                 W = ops.convert_to_tensor(s.variable)
                 calib = w.kernel_quantizer.calibration(W, s.channel_axes)
                 u = calib * m
@@ -335,15 +345,16 @@ class MetaQuantModel(keras.Model):
                 )
             y_pred, loss, records = self._forward_loss(x, y, sample_weight, latents)
 
-        w_tildes = [records[id(v)][0] for v in kernels]
-        w_hats = [records[id(v)][1] for v in kernels]
+        w_tildes = [records[id(s.variable)][0] for _, s in self._slots]
+        w_hats = [records[id(s.variable)][1] for _, s in self._slots]
         grads = tape.gradient(loss, list(phi) + w_hats + looks + others)
-        n_phi, n_k = len(phi), len(kernels)
+        n_phi, n_k, n_s = len(phi), len(kernels), len(self._slots)
         g_phi = grads[:n_phi]
-        g_what = grads[n_phi:n_phi + n_k]
-        g_look = grads[n_phi + n_k:n_phi + 2 * n_k]
-        g_other = grads[n_phi + 2 * n_k:]
-        g_what = [ops.zeros_like(v) if g is None else g for g, v in zip(g_what, kernels)]
+        g_what = grads[n_phi:n_phi + n_s]
+        g_look = grads[n_phi + n_s:n_phi + n_s + n_k]
+        g_other = grads[n_phi + n_s + n_k:]
+        g_what = [ops.zeros_like(s.variable) if g is None else g
+                  for g, (_, s) in zip(g_what, self._slots)]
         g_look = [ops.zeros_like(v) if g is None else g for g, v in zip(g_look, kernels)]
         g_phi = [ops.zeros_like(v) if g is None else g for g, v in zip(g_phi, phi)]
         reg = self._regularization_grads(kernels)
@@ -360,7 +371,7 @@ class MetaQuantModel(keras.Model):
 
         def record_first_step():
             # Iteration 0 updates nothing; its raw STE gradients become r'.
-            for (_, s), g in zip(self._slots, g_look):
+            for (_, s), g in zip(slots, g_look):
                 s.prev_update.assign(g)
             for w, g in zip(bias_wrappers, g_bias):
                 w.bias_prev_update.assign(
@@ -378,7 +389,7 @@ class MetaQuantModel(keras.Model):
             )
             updates = [_safe_divide(b - ops.convert_to_tensor(v), lr)
                        for b, v in zip(before, tracked)]
-            for (_, s), r in zip(self._slots, updates[:n_k]):
+            for (_, s), r in zip(slots, updates[:n_k]):
                 s.prev_update.assign(r)
             for w, r in zip(bias_wrappers, updates[n_k:]):
                 w.bias_prev_update.assign(r)
@@ -399,18 +410,19 @@ class MetaQuantModel(keras.Model):
     def _paper_step(self, x, y, sample_weight):
         lr = ops.cast(self.optimizer.learning_rate, "float32")
         first = ops.equal(self.meta_step, 0)
-        kernels = self._kernel_variables()
-        kernel_ids = {id(v) for v in kernels}
-        others = [v for v in self.base_variables if id(v) not in kernel_ids]
+        active, others, _ = self._partition()
+        slots = [self._slots[i] for i in active]
+        kernels = [s.variable for _, s in slots]
         phi = self.meta_network.trainable_variables
         reg = self._regularization_grads(kernels)
 
         with tf.GradientTape(persistent=True) as meta_tape:
-            ms, new_state = self._meta_forward()
+            ms_all, new_state = self._meta_forward()
+            ms = [ms_all[i] for i in active]
             calibs = [
                 w.kernel_quantizer.calibration(ops.convert_to_tensor(s.variable),
                                                s.channel_axes)
-                for (w, s), m in zip(self._slots, ms)
+                for w, s in slots
             ]
             g_kernel = [
                 c * ops.stop_gradient(m) + (0.0 if r is None else r)
@@ -435,14 +447,15 @@ class MetaQuantModel(keras.Model):
         with tf.GradientTape() as tape:
             tape.watch(looks)
             y_pred, loss, records = self._forward_loss(x, y, sample_weight, latents)
-        w_tildes = [records[id(v)][0] for v in kernels]
-        w_hats = [records[id(v)][1] for v in kernels]
+        w_tildes = [records[id(s.variable)][0] for _, s in self._slots]
+        w_hats = [records[id(s.variable)][1] for _, s in self._slots]
         grads = tape.gradient(loss, w_hats + looks + others)
-        n_k = len(kernels)
-        g_what = [ops.zeros_like(v) if g is None else g for g, v in zip(grads[:n_k], kernels)]
+        n_k, n_s = len(kernels), len(self._slots)
+        g_what = [ops.zeros_like(s.variable) if g is None else g
+                  for g, (_, s) in zip(grads[:n_s], self._slots)]
         g_look = [ops.zeros_like(v) if g is None else g
-                  for g, v in zip(grads[n_k:2 * n_k], kernels)]
-        g_other = grads[2 * n_k:]
+                  for g, v in zip(grads[n_s:n_s + n_k], kernels)]
+        g_other = grads[n_s + n_k:]
 
         # Eq. 8: the meta network's output at this step's (dL/dW_hat, W_tilde)
         # stands in for the STE as dL/dW_tilde when differentiating w.r.t. phi.
@@ -450,8 +463,10 @@ class MetaQuantModel(keras.Model):
             else self._current_meta_state()
         m_now, _ = self._meta_forward(g_what, w_tildes, state_after)
         cotangents = [
-            ops.stop_gradient(w.kernel_quantizer.calibration(V, s.channel_axes) * m)
-            for (w, s), V, m in zip(self._slots, looks, m_now)
+            ops.stop_gradient(
+                w.kernel_quantizer.calibration(V, s.channel_axes) * m_now[i]
+            )
+            for i, (w, s), V in zip(active, slots, looks)
         ]
         g_phi = meta_tape.gradient(looks, phi, output_gradients=cotangents)
         del meta_tape

@@ -164,3 +164,17 @@ def test_training_does_not_write_nan_on_finite_data():
         for v in q.variables:
             if v.dtype.startswith("float"):
                 assert np.isfinite(v.numpy()).all(), (meta, v.path)
+
+
+@pytest.mark.parametrize("semantics", ["code", "paper"])
+def test_frozen_quantized_layer_is_left_alone(semantics):
+    x, y = _data(16)
+    q = mqk.quantize_model(_cnn(), semantics=semantics, verbose=False)
+    q.wrappers[0].trainable = False
+    q.compile(optimizer=keras.optimizers.SGD(0.1), meta_optimizer=mqk.PaperAdam(),
+              loss=LOSS)
+    frozen = q.wrappers[0].slots[0].variable.numpy().copy()
+    moving = q.wrappers[1].slots[0].variable.numpy().copy()
+    q.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    np.testing.assert_array_equal(q.wrappers[0].slots[0].variable.numpy(), frozen)
+    assert not np.allclose(q.wrappers[1].slots[0].variable.numpy(), moving)
