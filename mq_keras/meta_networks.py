@@ -59,7 +59,10 @@ class MetaNetwork(keras.layers.Layer):
         return ()
 
     def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
-        """Returns `(m, new_state)`; `grad`, `w_tilde` and `m` are `(N, 1)`."""
+        """Returns `(m, new_state)`; `grad`, `w_tilde` and `m` are `(N, 1)`.
+
+        An empty `state` stands for the zero initial state.
+        """
         raise NotImplementedError
 
     def compute_output_spec(self, *args, **kwargs):
@@ -96,7 +99,9 @@ class FCGrad(MetaNetwork):
         self.built = True
 
     def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
-        return ops.matmul(ops.matmul(grad, self.w1), self.w2), ()
+        # Same function as (g @ W1) @ W2, without an (N, H) intermediate:
+        # 0.5 ms instead of 6 ms per step for N = 35k on 2 CPU cores.
+        return grad * ops.matmul(self.w1, self.w2), ()
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -137,6 +142,14 @@ class MultiFC(MetaNetwork):
         self.built = True
 
     def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
+        if self._activation_config is None:
+            # Without activations the stack is one scalar K0 @ K1 @ ... ; form
+            # it first (autograd still reaches every K_i) instead of pushing N
+            # rows through H x H matmuls: ~30x less work per step.
+            k = self.kernels[0]
+            for kernel in self.kernels[1:]:
+                k = ops.matmul(k, kernel)
+            return grad * (w_tilde * k), ()
         x = w_tilde
         for i, k in enumerate(self.kernels):
             x = ops.matmul(x, k)
@@ -218,15 +231,16 @@ class LSTMFC(MetaNetwork):
         return (zeros, zeros)
 
     def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
-        h_prev, c_prev = state if state else self.initial_state(grad.shape[0])
-        z = (
-            ops.matmul(w_tilde, self.kernel)
-            + self.bias_ih
-            + ops.matmul(h_prev, self.recurrent_kernel)
-            + self.bias_hh
-        )
+        z = ops.matmul(w_tilde, self.kernel) + self.bias_ih
+        if state:
+            h_prev, c_prev = state
+            z = z + ops.matmul(h_prev, self.recurrent_kernel)
+        z = z + self.bias_hh
         zi, zf, zg, zo = ops.split(z, 4, axis=-1)
-        c = ops.sigmoid(zf) * c_prev + ops.sigmoid(zi) * ops.tanh(zg)
+        c = ops.sigmoid(zi) * ops.tanh(zg)
+        if state:
+            # An empty state means zeros: skip the (N, H) x (H, 4H) product.
+            c = ops.sigmoid(zf) * c_prev + c
         h = ops.sigmoid(zo) * ops.tanh(c)
         out = ops.matmul(h, self.fc_kernel) + self.fc_bias
         return grad * out, (h, c)

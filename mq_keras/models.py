@@ -252,7 +252,7 @@ class MetaQuantModel(keras.Model):
         if not self.meta_state:
             return ()
         if self.reset_meta_state:
-            return self.meta_network.initial_state(sum(self._sizes))
+            return ()  # the zero state
         return tuple(ops.convert_to_tensor(v) for v in self.meta_state)
 
     def _partition(self):
