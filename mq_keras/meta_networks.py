@@ -254,26 +254,28 @@ class GainMLP(MetaNetwork):
 
         g_n = g / rms_k(g);   w_n = (w_tilde - mean_k(w_tilde)) / std_k(w_tilde)
         z = MLP([g_n, w_n])             (2 -> H -> H -> 1, tanh hidden units)
-        m = g * max_gain * sigmoid(z)
+        m = g * max_gain ** tanh(z)
 
     where `rms_k`, `mean_k`, `std_k` are taken over the rows of the same
     kernel (`segment_ids`). Why this shape:
 
-    * the gain is in (0, max_gain), so `m` never flips the sign of a
+    * the gain is in (1/max_gain, max_gain), so `m` never flips the sign of a
       coordinate's STE gradient: the step stays a descent direction, unlike
       the reference networks, whose outputs can change sign;
     * inputs are normalised per kernel, so the function is invariant to the
       scale of the gradient (learning rate, loss scaling, batch size) and of
       the weights (DoReFa's [0, 1] vs BWN's raw W);
-    * the last layer starts at zero with the bias set so the gain is 1:
-      training starts exactly at the STE and learns departures from it;
+    * the last layer starts at zero, so z = 0 and the gain is exactly 1:
+      training starts at the STE and learns departures from it, symmetric
+      in log-scale (halving and doubling are equally far);
     * it is non-linear in both inputs, which FC-Grad and MultiFC are not.
 
     Backward: ordinary autograd.
 
     Args:
         hidden_size: hidden width (default 32).
-        max_gain: upper bound of the per-coordinate gain (default 4).
+        max_gain: the per-coordinate gain lies in (1/max_gain, max_gain)
+            (default 4).
     """
 
     name_key = "gain_mlp"
@@ -296,13 +298,7 @@ class GainMLP(MetaNetwork):
         )
         self.b2 = self.add_weight(name="b2", shape=(h,), initializer="zeros")
         self.w3 = self.add_weight(name="w3", shape=(h, 1), initializer="zeros")
-        # sigmoid(b3) * max_gain == 1 at initialisation.
-        b3 = -math.log(self.max_gain - 1.0)
-        self.b3 = self.add_weight(
-            name="b3",
-            shape=(1,),
-            initializer=keras.initializers.Constant(b3),
-        )
+        self.b3 = self.add_weight(name="b3", shape=(1,), initializer="zeros")
         self.built = True
 
     @staticmethod
@@ -313,17 +309,24 @@ class GainMLP(MetaNetwork):
         n = ops.segment_sum(ops.ones_like(x), segment_ids, num_segments=num_segments)
         return ops.take(s / ops.maximum(n, 1.0), segment_ids, axis=0)
 
+    @staticmethod
+    def _safe_rms(mean_square):
+        # Divide by the RMS itself (no additive epsilon, which would break
+        # scale invariance for small gradients); an all-zero kernel keeps 1.
+        rms = ops.sqrt(mean_square)
+        return ops.where(rms > 0, rms, ops.ones_like(rms))
+
     def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
-        eps = 1e-12
         mean = lambda x: self._segment_mean(x, segment_ids, num_segments)  # noqa: E731
-        g_n = grad / ops.sqrt(mean(ops.square(grad)) + eps)
+        g_n = grad / self._safe_rms(mean(ops.square(grad)))
         w_c = w_tilde - mean(w_tilde)
-        w_n = w_c / ops.sqrt(mean(ops.square(w_c)) + eps)
+        w_n = w_c / self._safe_rms(mean(ops.square(w_c)))
         x = ops.concatenate([g_n, w_n], axis=-1)
         x = ops.tanh(ops.matmul(x, self.w1) + self.b1)
         x = ops.tanh(ops.matmul(x, self.w2) + self.b2)
         z = ops.matmul(x, self.w3) + self.b3
-        return grad * (self.max_gain * ops.sigmoid(z)), ()
+        gain = ops.exp(math.log(self.max_gain) * ops.tanh(z))  # exp(0) == 1
+        return grad * gain, ()
 
     def get_config(self):
         config = super().get_config()

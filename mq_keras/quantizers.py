@@ -187,7 +187,10 @@ class BWN(Quantizer):
 
     Forward: `W_tilde = W`; `W_hat = alpha * sign(W_tilde)` with
     `alpha = mean|W_tilde|` over the whole kernel (or over each output channel
-    when `per_channel=True`), under stop_gradient. sign(0) = 0.
+    when `per_channel=True`), under stop_gradient. sign(0) = +1: the
+    reference has sign(0) = 0, a third level that a 1-bit kernel cannot
+    store; exact zeros are measure-zero in training, so this only matters
+    for hand-made kernels, and it keeps every kernel on two levels.
 
     Backward (STE with the hard-tanh gate): `dL/dW = dL/dW_hat * 1[|W| <= 1]`.
 
@@ -217,7 +220,8 @@ class BWN(Quantizer):
     def quantize(self, w_tilde, channel_axes=(-1,)):
         alpha = ops.stop_gradient(self._alpha(w_tilde, channel_axes))
         fn = _ste(
-            lambda x: alpha * ops.sign(x), gate=lambda x: ops.abs(x) <= 1.0
+            lambda x: ops.where(x >= 0, alpha, -alpha),
+            gate=lambda x: ops.abs(x) <= 1.0,
         )
         return fn(w_tilde)
 
