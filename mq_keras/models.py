@@ -289,10 +289,8 @@ class MetaQuantModel(keras.Model):
                 grads.append(None)
                 continue
             with tf.GradientTape() as tape:
-                value = ops.convert_to_tensor(v)
-                tape.watch(value)
-                r = reg(value)
-            grads.append(tape.gradient(r, value))
+                r = reg(v)
+            grads.append(tape.gradient(r, v))
         return grads
 
     def _track(self, x, y, y_pred, sample_weight, loss, meta_norm, ste_norm):

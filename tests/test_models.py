@@ -178,3 +178,22 @@ def test_frozen_quantized_layer_is_left_alone(semantics):
     q.fit(x, y, batch_size=4, epochs=1, verbose=0)
     np.testing.assert_array_equal(q.wrappers[0].slots[0].variable.numpy(), frozen)
     assert not np.allclose(q.wrappers[1].slots[0].variable.numpy(), moving)
+
+
+@pytest.mark.parametrize("semantics", ["code", "paper"])
+def test_kernel_regularizer_reaches_the_kernel_update(semantics):
+    """With m = 0 the only kernel gradient left is the regularizer's own."""
+    inp = keras.Input((4,))
+    out = keras.layers.Dense(3, kernel_regularizer=keras.regularizers.L2(0.1),
+                             name="fc")(inp)
+    q = mqk.quantize_model(keras.Model(inp, out), meta_network="fc_grad",
+                           semantics=semantics, verbose=False)
+    q.meta_network.w2.assign(np.zeros_like(q.meta_network.w2.numpy()))
+    q.compile(optimizer=keras.optimizers.SGD(0.5), meta_optimizer=keras.optimizers.SGD(0.0),
+              loss=LOSS)
+    x, y = np.ones((2, 4), "float32"), np.array([0, 1])
+    q.train_on_batch(x, y)  # first step: records only
+    w0 = q.wrappers[0].slots[0].variable.numpy().copy()
+    q.train_on_batch(x, y)
+    np.testing.assert_allclose(q.wrappers[0].slots[0].variable.numpy(),
+                               w0 - 0.5 * (2 * 0.1 * w0), rtol=1e-5, atol=1e-7)
