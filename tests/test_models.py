@@ -197,3 +197,31 @@ def test_kernel_regularizer_reaches_the_kernel_update(semantics):
     q.train_on_batch(x, y)
     np.testing.assert_allclose(q.wrappers[0].slots[0].variable.numpy(),
                                w0 - 0.5 * (2 * 0.1 * w0), rtol=1e-5, atol=1e-7)
+
+
+def test_issue_example_with_tf_data(tmp_path):
+    """The README/issue example: Sequential (nested), tf.data, validation, save/load."""
+    import tensorflow as tf
+
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)]),
+    ])
+    x, y = _data(64)
+    train_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    test_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    qmodel = mqk.quantize_model(model, kernel_quantizer="dorefa", num_bits=1,
+                                meta_network="multifc", verbose=False)
+    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3),
+                   meta_optimizer=keras.optimizers.Adam(1e-3),
+                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    hist = qmodel.fit(train_ds, validation_data=test_ds, epochs=2, verbose=0)
+    assert {"val_loss", "val_accuracy", "meta_loss"} <= set(hist.history)
+    qmodel.evaluate(test_ds, verbose=0)
+    pred = qmodel.predict(x, verbose=0)
+    report = mqk.summary(qmodel, print_fn=None)
+    assert report["compression"] > 1
+    qmodel.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), pred)
