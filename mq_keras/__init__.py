@@ -5,7 +5,7 @@ gradient is learned by a small meta network (Chen, Wang & Pan, NeurIPS 2019).
 """
 
 from mq_keras import meta_networks, quantizers
-from mq_keras.export import convert_to_tflite, strip_model
+from mq_keras.export import convert_to_tflite, strip_model, verify_tflite
 from mq_keras.layers import MetaQuantWrapper
 from mq_keras.meta_networks import FCGrad, GainMLP, LSTMFC, MetaNetwork, MultiFC
 from mq_keras.models import MetaQuantModel
@@ -20,5 +20,5 @@ __all__ = [
     "BWN", "DoReFa", "FCGrad", "GainMLP", "LSTMFC", "MetaNetwork",
     "MetaQuantModel", "MetaQuantWrapper", "MultiFC", "PaperAdam", "Quantizer",
     "Ternary", "Uniform", "convert_to_tflite", "meta_networks",
-    "quantize_model", "quantizers", "strip_model", "summary",
+    "quantize_model", "quantizers", "strip_model", "summary", "verify_tflite",
 ]

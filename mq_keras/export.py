@@ -6,21 +6,28 @@ wrapper, no meta network and no MetaQuant training state remain, so any Keras
 tool (saving, TFLite, serving) takes it as it is.
 
 `convert_to_tflite` converts that model to a TFLite flatbuffer with builtin
-ops only. In "weights" mode the converter stores the weights as int8 (dynamic
-range quantization); "float" mode keeps float32 weights.
+ops only: "weights" mode stores each quantized kernel as exact int4/int8
+codes with per-channel scales and keeps float arithmetic (see
+`tflite_weights`); "int8" mode is the converter's full-integer model;
+"float" mode keeps float32 kernels. `verify_tflite` measures how a file
+agrees with its Keras model. `python -m mq_keras.export` converts a saved
+`.keras` file from the shell.
 """
 
 import tempfile
+import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from mq_keras import tflite_weights
 from mq_keras.layers import MetaQuantWrapper
 from mq_keras.models import MetaQuantModel, iter_layers
 from mq_keras.wrap import _is_graph_model
 
-MODES = ("weights", "float")
-_PLANNED_MODES = ("int8",)
+MODES = ("weights", "int8", "float")
+WEIGHT_DTYPES = ("auto", "int8")
 
 
 def _graph_model(model):
@@ -99,45 +106,8 @@ def strip_model(model):
     return stripped
 
 
-def convert_to_tflite(model, *, mode="weights"):
-    """Converts a quantized model to a TFLite flatbuffer (builtin ops only).
-
-    A `MetaQuantModel` or a model with `MetaQuantWrapper` layers is first
-    stripped (`strip_model`); a plain Keras model (for example the output of
-    `strip_model`) is converted as it is. The model is exported in inference
-    mode (BatchNormalization uses its moving statistics).
-
-    Args:
-        model: a `MetaQuantModel`, a model containing `MetaQuantWrapper`
-            layers, or a plain Functional/Sequential Keras model.
-        mode: "weights" (default): weights stored as int8 by the converter's
-            dynamic range quantization (`tf.lite.Optimize.DEFAULT`); tensors
-            with fewer than 1024 elements stay float32. "float": no
-            optimization, float32 weights.
-
-    Returns:
-        The TFLite model as `bytes`.
-
-    Raises:
-        ValueError: unknown `mode`, or a model that cannot be stripped.
-        NotImplementedError: `mode="int8"` (full-integer export) is not
-            implemented yet.
-    """
-    if mode in _PLANNED_MODES:
-        raise NotImplementedError(
-            f"mode={mode!r} (full-integer export) is not implemented yet; "
-            f"available modes are {MODES}."
-        )
-    if mode not in MODES:
-        raise ValueError(
-            f"Unknown mode {mode!r}; allowed modes are {MODES}."
-        )
-    graph = _graph_model(model)
-    if any(isinstance(l, MetaQuantWrapper) for l in iter_layers(graph)):
-        graph = strip_model(graph)
-    elif not graph.built:
-        raise ValueError(f"Model {graph.name!r} is not built.")
-
+def _convert(graph, *, representative_dataset=None):
+    """Float (or, with a dataset, full-integer) TFLite bytes of a plain model."""
     signature = tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape, dtype=t.dtype, name=t.name),
         graph.inputs,
@@ -152,7 +122,224 @@ def convert_to_tflite(model, *, mode="weights"):
     with tempfile.TemporaryDirectory(prefix="mq_keras_export_") as path:
         archive.write_out(path, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(path)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        if mode == "weights":
+        if representative_dataset is None:
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        else:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = representative_dataset
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.TFLITE_BUILTINS_INT8
+            ]
         return converter.convert()
+
+
+def _as_representative(dataset):
+    """Accepts a callable generator factory, a tf.data.Dataset or an array."""
+    if callable(dataset):
+        return dataset
+    if isinstance(dataset, tf.data.Dataset):
+        def gen():
+            for batch in dataset:
+                batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+                for row in tf.unstack(tf.convert_to_tensor(batch)[:64]):
+                    yield [tf.cast(row[None], tf.float32)]
+        return gen
+    array = np.asarray(dataset, np.float32)
+    if array.ndim < 2 or len(array) == 0:
+        raise ValueError(
+            "representative_dataset must be a non-empty batch of inputs "
+            f"(got shape {array.shape}), a tf.data.Dataset or a generator "
+            "factory."
+        )
+
+    def gen():
+        for row in array[:256]:
+            yield [row[None]]
+    return gen
+
+
+def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
+                      weight_dtype="auto"):
+    """Converts a quantized model to a TFLite flatbuffer (builtin ops only).
+
+    A `MetaQuantModel` or a model with `MetaQuantWrapper` layers is first
+    stripped (`strip_model`); a plain Keras model is converted as it is. The
+    model is exported in inference mode; the converter folds BatchNorm into
+    the preceding kernels.
+
+    Modes:
+        "weights" (default): float activations and float arithmetic, as in
+            Keras; each quantized kernel is stored as integer codes with one
+            scale per output channel (`codes * scales` equals the Keras kernel
+            `Q(A(W))`, BatchNorm folded in, to float rounding) and a builtin
+            DEQUANTIZE op expands it when the model loads. Codes are int4
+            where they fit (|code| <= 7: 1-3-bit DoReFa, BWN, ternary,
+            uniform up to 4 bits) and int8 otherwise; 8-bit DoReFa needs
+            9-bit codes and stays float32. Layers left float stay float32.
+        "int8": full-integer model (int8 weights and activations, float
+            input/output) calibrated on `representative_dataset`; the
+            converter picks scale max|w|/127 per channel.
+        "float": no quantized storage at all (float32 kernels holding Q(W)).
+
+    Args:
+        model: a `MetaQuantModel`, a model containing `MetaQuantWrapper`
+            layers, or a plain Functional/Sequential Keras model.
+        mode: "weights", "int8" or "float".
+        representative_dataset: inputs for "int8" calibration: an array of
+            examples, a `tf.data.Dataset` of batches (or (x, y) batches), or a
+            generator factory as TFLite takes it. Only for mode="int8".
+        weight_dtype: "auto" (int4 where it fits, else int8) or "int8", for
+            mode="weights".
+
+    Returns:
+        The TFLite model as `bytes`.
+
+    Raises:
+        ValueError: unknown `mode` or `weight_dtype`, a dataset missing for
+            (or given to a mode other than) "int8", or a model that cannot be
+            stripped.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; allowed modes are {MODES}.")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(
+            f"Unknown weight_dtype {weight_dtype!r}; allowed values are "
+            f"{WEIGHT_DTYPES}."
+        )
+    if mode == "int8" and representative_dataset is None:
+        raise ValueError(
+            'mode="int8" needs representative_dataset= (a few hundred '
+            "training inputs) to calibrate activation ranges."
+        )
+    if mode != "int8" and representative_dataset is not None:
+        raise ValueError(
+            f"representative_dataset is only used by mode='int8', not "
+            f"mode={mode!r}."
+        )
+    graph = _graph_model(model)
+    if any(isinstance(l, MetaQuantWrapper) for l in iter_layers(graph)):
+        graph = strip_model(graph)
+    elif not graph.built:
+        raise ValueError(f"Model {graph.name!r} is not built.")
+    if mode == "int8":
+        return _convert(graph, representative_dataset=_as_representative(
+            representative_dataset))
+    flat = _convert(graph)
+    if mode == "float":
+        return flat
+    packed, _ = tflite_weights.store_kernels_as_codes(
+        flat, allow_int4=weight_dtype == "auto")
+    return packed
+
+
+def make_interpreter(tflite_bytes, *, num_threads=1):
+    """A LiteRT interpreter (ai-edge-litert when installed, else tf.lite)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # the phone runtime's Python build is optional
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation
+        return Interpreter(model_content=tflite_bytes, num_threads=num_threads)
+
+
+def run_tflite(tflite_bytes, x, *, batch_size=256, num_threads=1):
+    """Runs a single-input TFLite model on `x` in batches; returns the outputs."""
+    interp = make_interpreter(tflite_bytes, num_threads=num_threads)
+    inp = interp.get_input_details()[0]
+    x = np.asarray(x)
+    outs = []
+    shape = None
+    for i in range(0, len(x), batch_size):
+        batch = x[i:i + batch_size]
+        if shape != batch.shape:
+            interp.resize_tensor_input(inp["index"], batch.shape)
+            interp.allocate_tensors()
+            shape = batch.shape
+        interp.set_tensor(inp["index"], batch.astype(inp["dtype"]))
+        interp.invoke()
+        outs.append(interp.get_tensor(interp.get_output_details()[0]["index"]))
+    return np.concatenate(outs)
+
+
+def tflite_ops(tflite_bytes):
+    """Names of the operators a TFLite model uses (custom/Flex ops by name)."""
+    return tflite_weights.op_names(tflite_bytes)
+
+
+def verify_tflite(model, tflite_bytes, x, y=None, *, batch_size=256):
+    """Compares a TFLite file with the Keras model it came from.
+
+    Args:
+        model: the Keras (`MetaQuantModel` or plain) model.
+        tflite_bytes: the converted model.
+        x: inputs (a NumPy batch).
+        y: optional integer labels, to report both accuracies.
+        batch_size: batch size for both runtimes.
+
+    Returns:
+        A dict: `max_abs_diff` and `max_rel_diff` of the outputs,
+        `top1_agreement` (fraction), `keras_accuracy` / `tflite_accuracy`
+        (when `y` is given), `tflite_bytes`, `ops` and `flex_ops` (any op
+        that is not a TFLite builtin).
+    """
+    x = np.asarray(x, np.float32)
+    if len(x) == 0:
+        raise ValueError("verify_tflite needs at least one input example.")
+    ref = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+    got = run_tflite(tflite_bytes, x, batch_size=batch_size)
+    if got.shape != ref.shape:
+        raise ValueError(
+            f"TFLite output shape {got.shape} differs from Keras {ref.shape}: "
+            "was this file converted from this model?"
+        )
+    ops = tflite_ops(tflite_bytes)
+    report = {
+        "max_abs_diff": float(np.abs(got - ref).max()),
+        "max_rel_diff": float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)),
+        "top1_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
+        "tflite_bytes": len(tflite_bytes),
+        "ops": sorted(set(ops)),
+        "flex_ops": sorted({o for o in ops if not o.isupper() or o.startswith("FLEX")}),
+    }
+    if y is not None:
+        y = np.asarray(y).reshape(-1)
+        report["keras_accuracy"] = float(np.mean(ref.argmax(-1) == y))
+        report["tflite_accuracy"] = float(np.mean(got.argmax(-1) == y))
+    return report
+
+
+def _main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mq_keras.export",
+        description="Convert a saved .keras MetaQuant model to a .tflite file.",
+    )
+    parser.add_argument("model", help="path of the .keras file")
+    parser.add_argument("output", help="path of the .tflite file to write")
+    parser.add_argument("--mode", default="weights", choices=MODES)
+    parser.add_argument("--weight_dtype", default="auto", choices=WEIGHT_DTYPES)
+    parser.add_argument(
+        "--representative_data",
+        help='mode "int8": a .npy file of example inputs for calibration',
+    )
+    args = parser.parse_args(argv)
+    if not args.model.endswith(".keras"):
+        parser.error(f"{args.model!r} is not a .keras file")
+    model = keras.saving.load_model(args.model)
+    data = None
+    if args.representative_data:
+        data = np.load(args.representative_data, allow_pickle=False)
+    elif args.mode == "int8":
+        parser.error('--mode int8 needs --representative_data FILE.npy')
+    blob = convert_to_tflite(model, mode=args.mode, representative_dataset=data,
+                             weight_dtype=args.weight_dtype)
+    with open(args.output, "wb") as f:
+        f.write(blob)
+    print(f"wrote {args.output}: {len(blob):,} bytes ({args.mode} mode)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

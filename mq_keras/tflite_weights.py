@@ -1,0 +1,235 @@
+"""Rewrite a float TFLite model so its quantized kernels are stored as exact integer codes.
+
+TFLite's own weight quantization (dynamic range) rescales every kernel to a
+127-step grid and runs hybrid kernels that also quantize activations on the
+fly, so a k-bit kernel neither keeps its values nor its float arithmetic. This
+module takes the *float* flatbuffer of a stripped model instead (its kernels
+already hold `Q(A(W))`, with BatchNorm folded in by the converter) and, for
+each filter of CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED and TRANSPOSE_CONV:
+
+1. finds, per output channel `c`, the smallest integer `M_c` such that every
+   value is an integer multiple of `s_c = max|v_c| / M_c` (to float rounding);
+   every k-bit grid we train has one: DoReFa `M = 2^k - 1`, uniform
+   `M = 2^(k-1) - 1`, BWN and ternary `M = 1`; a BatchNorm folded in per
+   channel only rescales `s_c`;
+2. stores the codes `q = round(v / s_c)` with per-channel scales `s_c` and
+   zero points 0, as int4 (two codes a byte, low nibble first) when every
+   |q| <= 7 and int4 is allowed, else as int8;
+3. inserts a builtin DEQUANTIZE op that turns them back into the float filter,
+   so the op itself runs in float exactly as before.
+
+A filter that is not on such a grid (a layer left float) is left as it is,
+and so is one that needs `M_c > 127`: 8-bit DoReFa's 256 odd levels
+(-255..255)/255 need 9-bit codes, and TFLite's DEQUANTIZE takes per-channel
+int16 nowhere ("Type 7 not supported for per-channel", TF 2.21), so such a
+kernel stays float32 and the report says so.
+"""
+
+import numpy as np
+from tensorflow.lite.python import schema_py_generated as schema
+from tensorflow.lite.tools import flatbuffer_utils
+
+# Builtin op -> (index of the filter input, its output-channel axis).
+_FILTER_OPS = {
+    schema.BuiltinOperator.CONV_2D: (1, 0),
+    schema.BuiltinOperator.DEPTHWISE_CONV_2D: (1, 3),
+    schema.BuiltinOperator.FULLY_CONNECTED: (1, 0),
+    schema.BuiltinOperator.TRANSPOSE_CONV: (1, 0),
+}
+_MAX_M = 255
+_INT_TOL = 1e-3  # |v * M / a - round(.)|: wrong M gives >= 1/255; rounding ~1e-6
+_MATCH_RTOL = 1e-6
+
+
+def _op_code(model, op):
+    code = model.operatorCodes[op.opcodeIndex]
+    return max(code.builtinCode, code.deprecatedBuiltinCode)
+
+
+def grid_codes(values, axis):
+    """Returns `(codes, scales, max_code)` with `values ~= scales * codes`, or None.
+
+    Args:
+        values: float32 array, a filter tensor.
+        axis: its output-channel axis.
+
+    Returns:
+        `codes` (int32, same shape), `scales` (float32, one per channel) and the
+        largest |code|, or None when some channel is on no grid with M <= 255.
+    """
+    v = np.moveaxis(np.asarray(values, np.float32), axis, 0)
+    flat = v.reshape(v.shape[0], -1).astype(np.float64)
+    amax = np.abs(flat).max(axis=1)
+    m = np.zeros(len(flat), np.int64)
+    m[amax == 0] = 1
+    safe = np.where(amax > 0, amax, 1.0)[:, None]
+    for cand in range(1, _MAX_M + 1):
+        todo = m == 0
+        if not todo.any():
+            break
+        r = flat[todo] * cand / safe[todo]
+        ok = np.abs(r - np.round(r)).max(axis=1) <= _INT_TOL
+        m[np.flatnonzero(todo)[ok]] = cand
+    if (m == 0).any():
+        return None
+    scales = np.where(amax > 0, amax / m, 1.0).astype(np.float32)
+    codes = np.round(flat / scales[:, None].astype(np.float64)).astype(np.int32)
+    decoded = codes * scales[:, None]
+    if not np.allclose(decoded, flat, rtol=_MATCH_RTOL, atol=0):
+        return None
+    codes = np.moveaxis(codes.reshape(v.shape), 0, axis)
+    return codes, scales, int(m.max())
+
+
+def _add_buffer(model, data):
+    buf = schema.BufferT()
+    buf.data = np.frombuffer(data, np.uint8)
+    model.buffers.append(buf)
+    return len(model.buffers) - 1
+
+
+def _dequantize_opcode(model):
+    for i, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.DEQUANTIZE:
+            return i
+    code = schema.OperatorCodeT()
+    code.builtinCode = schema.BuiltinOperator.DEQUANTIZE
+    code.deprecatedBuiltinCode = schema.BuiltinOperator.DEQUANTIZE
+    code.version = 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def _pack_int4(codes):
+    flat = codes.astype(np.int16).ravel()
+    if len(flat) % 2:
+        flat = np.append(flat, 0)
+    lo, hi = flat[0::2] & 0xF, flat[1::2] & 0xF
+    return ((hi << 4) | lo).astype(np.uint8).tobytes()
+
+
+def _unpack_int4(data, count):
+    b = np.frombuffer(data, np.uint8).astype(np.int16)
+    nib = np.stack([b & 0xF, b >> 4], axis=1).ravel()[:count]
+    return np.where(nib > 7, nib - 16, nib).astype(np.int8)
+
+
+def op_names(flatbuffer):
+    """Names of the operators of every subgraph, in execution order."""
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items()
+             if not k.startswith("_")}
+    out = []
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            builtin = _op_code(model, op)
+            if builtin == schema.BuiltinOperator.CUSTOM:
+                custom = code.customCode
+                out.append(custom.decode() if isinstance(custom, bytes) else str(custom))
+            else:
+                out.append(names[builtin])
+    return out
+
+
+def store_kernels_as_codes(flatbuffer, *, allow_int4=True):
+    """Returns `(new_flatbuffer, report)` with grid kernels stored as int codes.
+
+    Args:
+        flatbuffer: bytes of a float TFLite model.
+        allow_int4: store kernels whose codes fit in [-7, 7] as int4.
+
+    Returns:
+        The rewritten model as bytes, and a list with one dict per filter:
+        `name`, `op`, `shape`, `dtype` ("int4", "int8", or "float32..." when left
+        float), `max_code` (largest |code|, None when on no grid), `channels`.
+    """
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items()
+                if not k.startswith("_")}
+    report = []
+    for sg in model.subgraphs:
+        done = {}
+        new_ops = []
+        for op in sg.operators:
+            spec = _FILTER_OPS.get(_op_code(model, op))
+            if spec is None:
+                continue
+            idx, axis = spec
+            t_index = int(op.inputs[idx])
+            if t_index < 0:
+                continue
+            if t_index in done:
+                op.inputs[idx] = done[t_index]
+                continue
+            tensor = sg.tensors[t_index]
+            buf = model.buffers[tensor.buffer]
+            name = tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
+            entry = {"name": name, "op": op_names[_op_code(model, op)],
+                     "shape": [int(d) for d in tensor.shape], "dtype": "float32",
+                     "max_code": None, "channels": int(tensor.shape[axis])}
+            report.append(entry)
+            if tensor.type != schema.TensorType.FLOAT32 or buf.data is None:
+                continue
+            values = np.frombuffer(bytes(buf.data), np.float32).reshape(tensor.shape)
+            found = grid_codes(values, axis)
+            if found is None:
+                continue
+            codes, scales, max_code = found
+            entry["max_code"] = max_code
+            if max_code > 127:
+                entry["dtype"] = "float32 (needs 9-bit codes)"
+                continue
+            int4 = allow_int4 and max_code <= 7
+            qt = schema.TensorT()
+            qt.shape = np.array(tensor.shape, np.int32)
+            qt.type = schema.TensorType.INT4 if int4 else schema.TensorType.INT8
+            qt.name = (name + "/codes").encode()
+            qt.buffer = _add_buffer(
+                model, _pack_int4(codes) if int4 else codes.astype(np.int8).tobytes()
+            )
+            q = schema.QuantizationParametersT()
+            q.scale = scales.astype(np.float32)
+            q.zeroPoint = np.zeros(len(scales), np.int64)
+            q.quantizedDimension = axis
+            qt.quantization = q
+            sg.tensors.append(qt)
+            q_index = len(sg.tensors) - 1
+            # The float tensor keeps its index and consumers; it now comes from
+            # DEQUANTIZE instead of a constant buffer.
+            buf.data = None
+            deq = schema.OperatorT()
+            deq.opcodeIndex = _dequantize_opcode(model)
+            deq.inputs = np.array([q_index], np.int32)
+            deq.outputs = np.array([t_index], np.int32)
+            new_ops.append(deq)
+            done[t_index] = t_index
+            entry["dtype"] = "int4" if int4 else "int8"
+        # DEQUANTIZE of constants runs first (TFLite evaluates it once).
+        sg.operators = new_ops + list(sg.operators)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), report
+
+
+def filter_values(flatbuffer):
+    """Returns `{tensor name: (codes, scales, axis)}` for every stored code tensor.
+
+    Reads the file as a phone would: integer codes and per-channel scales.
+    """
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    out = {}
+    for sg in model.subgraphs:
+        for t in sg.tensors:
+            if t.type not in (schema.TensorType.INT8, schema.TensorType.INT4):
+                continue
+            buf = model.buffers[t.buffer]
+            if buf.data is None or t.quantization is None or t.quantization.scale is None:
+                continue
+            count = int(np.prod(t.shape))
+            if t.type == schema.TensorType.INT4:
+                codes = _unpack_int4(bytes(buf.data), count).reshape(t.shape)
+            else:
+                codes = np.frombuffer(bytes(buf.data), np.int8).reshape(t.shape)
+            name = t.name.decode() if isinstance(t.name, bytes) else t.name
+            out[name] = (codes, np.asarray(t.quantization.scale, np.float32),
+                         int(t.quantization.quantizedDimension))
+    return out

@@ -1,0 +1,142 @@
+"""TFLite weights mode: the stored integer codes reproduce the Keras kernels.
+
+Reads each .tflite file as a phone would (int4/int8 codes and per-channel
+scales) and compares `codes * scales` with the Keras quantized kernel Q(A(W))
+in TFLite's layout, for every quantizer and bit width, for BatchNorm folded
+into a conv, and checks builtin ops only, sizes and the shell round trip.
+"""
+
+import subprocess
+import sys
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+
+import mq_keras as mqk
+from mq_keras import tflite_weights
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+CASES = ([("dorefa", k, {}) for k in range(1, 9)]
+         + [("bwn", 1, {"per_channel": False}), ("bwn", 1, {"per_channel": True}),
+            ("ternary", 2, {"per_channel": False}), ("ternary", 2, {"per_channel": True})]
+         + [("uniform", k, {}) for k in range(2, 9)])
+
+
+def _model(bn=False):
+    inp = keras.Input((9, 9, 3))
+    x = keras.layers.Conv2D(6, 3, name="conv")(inp)
+    if bn:
+        x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(x)
+    x = keras.layers.Flatten()(x)
+    model = keras.Model(inp, keras.layers.Dense(4, name="fc")(x))
+    if bn:
+        rng = np.random.default_rng(0)
+        model.get_layer("bn").set_weights([
+            rng.uniform(0.5, 2, 6), rng.normal(size=6),
+            0.1 * rng.normal(size=6), rng.uniform(0.5, 2, 6)])
+    return model
+
+
+def _tflite_layout(kernel, layer):
+    """Keras kernel -> the filter layout TFLite stores for that layer."""
+    if isinstance(layer, keras.layers.Dense):
+        return kernel.T  # (out, in)
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        kh, kw, cin, mult = kernel.shape
+        return kernel.reshape(1, kh, kw, cin * mult)
+    return kernel.transpose(3, 0, 1, 2)  # HWIO -> OHWI
+
+
+def _decoded(blob):
+    out = []
+    for codes, scales, axis in tflite_weights.filter_values(blob).values():
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        out.append((codes, codes * scales.reshape(shape), axis))
+    return out
+
+
+def _match(decoded, expected):
+    """Finds the decoded filter with expected's shape and values."""
+    for codes, values, axis in decoded:
+        if values.shape == expected.shape and np.allclose(values, expected, rtol=1e-6, atol=1e-7):
+            return codes, axis
+    raise AssertionError(f"no stored filter equals the Keras kernel {expected.shape}")
+
+
+@pytest.mark.parametrize("quantizer,bits,options", CASES)
+def test_codes_times_scales_equal_keras_kernels(quantizer, bits, options):
+    q = mqk.quantize_model(_model(), kernel_quantizer=quantizer, num_bits=bits,
+                           quantizer_options=options, meta_network="fc_grad", verbose=False)
+    blob = mqk.convert_to_tflite(q)
+    decoded = _decoded(blob)
+    if quantizer == "dorefa" and bits == 8:
+        # 256 odd levels need 9-bit codes: stored float32, stated in the docs.
+        assert decoded == []
+        return
+    for w in q.wrappers:
+        kernel = w.quantized_kernels()["kernel"]
+        codes, axis = _match(decoded, _tflite_layout(kernel, w.layer))
+        per_channel = np.moveaxis(codes, axis, 0).reshape(codes.shape[axis], -1)
+        assert max(len(np.unique(c)) for c in per_channel) <= 2**bits
+    assert not any(op.startswith("FLEX") or not op.isupper()
+                   for op in tflite_weights.op_names(blob))
+
+
+def test_batchnorm_folded_kernel_decodes_to_folded_keras_values():
+    model = _model(bn=True)
+    q = mqk.quantize_model(model, kernel_quantizer="dorefa", num_bits=2,
+                           meta_network="fc_grad", verbose=False)
+    blob = mqk.convert_to_tflite(q)
+    conv = q.wrappers[0]
+    g, b, mu, var = (v.numpy() for v in q.quantized_model.get_layer("bn").weights)
+    factor = g / np.sqrt(var + q.quantized_model.get_layer("bn").epsilon)
+    folded = conv.quantized_kernels()["kernel"] * factor
+    codes, _ = _match(_decoded(blob), _tflite_layout(folded, conv.layer))
+    # Still on the 2-bit grid: codes in {-3, -1, 1, 3} (BN only rescaled s_c).
+    assert set(np.unique(codes)) <= {-3, -1, 1, 3}
+    x = np.random.default_rng(1).normal(size=(8, 9, 9, 3)).astype("float32")
+    report = mqk.verify_tflite(q, blob, x)
+    assert report["max_rel_diff"] < 1e-5 and report["top1_agreement"] == 1.0
+
+
+def test_weights_mode_size_and_int4():
+    inp = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(32, 3)(inp)
+    x = keras.layers.Conv2D(32, 3, strides=2)(x)
+    x = keras.layers.Flatten()(x)
+    q = mqk.quantize_model(keras.Model(inp, keras.layers.Dense(10)(x)), verbose=False)
+    floats = len(mqk.convert_to_tflite(q, mode="float"))
+    int4 = len(mqk.convert_to_tflite(q))
+    int8 = len(mqk.convert_to_tflite(q, weight_dtype="int8"))
+    assert int8 <= 0.27 * floats
+    assert int4 <= 0.15 * floats
+
+
+def test_shell_conversion_round_trip(tmp_path):
+    q = mqk.quantize_model(_model(), meta_network="fc_grad", verbose=False)
+    q.compile(optimizer="sgd", meta_optimizer=mqk.PaperAdam(), loss="mse")
+    q.save(tmp_path / "m.keras")
+    out = tmp_path / "m.tflite"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mq_keras.export", str(tmp_path / "m.keras"), str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3",
+             "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wrote" in proc.stdout
+    x = np.random.default_rng(2).normal(size=(4, 9, 9, 3)).astype("float32")
+    report = mqk.verify_tflite(q, out.read_bytes(), x)
+    # Untrained 1-bit logits reach ~1e2: compare relative to their size.
+    assert report["max_rel_diff"] < 1e-5 and report["top1_agreement"] == 1.0
+    bad = subprocess.run(
+        [sys.executable, "-m", "mq_keras.export", str(tmp_path / "nope.h5"), str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert bad.returncode != 0 and "not a .keras file" in bad.stderr
