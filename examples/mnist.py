@@ -35,7 +35,6 @@ import os
 import pathlib
 import tempfile
 import time
-import warnings
 
 from absl import app
 from absl import flags
@@ -231,25 +230,6 @@ def quantized_run(float_model, estimator, train, test, epochs):
     return qmodel, acc, seconds
 
 
-def tflite_accuracy(path, x, y, batch=1000):
-    """Accuracy of a .tflite file on (x, y) with the TFLite interpreter."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tf.lite.Interpreter is deprecated
-        interpreter = tf.lite.Interpreter(model_path=str(path))
-    inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
-    correct = 0
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch]
-        interpreter.resize_tensor_input(inp["index"], xb.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(inp["index"], xb)
-        interpreter.invoke()
-        logits = interpreter.get_tensor(out["index"])
-        correct += int(np.sum(logits.argmax(-1) == y[i:i + batch]))
-    return correct / len(x)
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(argv):
@@ -303,13 +283,15 @@ def main(argv):
     mq_keras.summary(qmodel)
     qmodel.save(out_dir / f"mnist_{main_run}.keras")
 
-    # 3. Export to TFLite and measure the exported file.
-    sizes = {}
-    for mode in ("float", "weights"):
+    # 3. Export to TFLite and measure each file against the Keras model.
+    sizes, reports = {}, {}
+    calibration = train[0][:256]
+    for mode in ("float", "weights", "int8"):
         path = out_dir / f"mnist_{main_run}_{mode}.tflite"
-        path.write_bytes(mq_keras.convert_to_tflite(qmodel, mode=mode))
+        extra = {"representative_dataset": calibration} if mode == "int8" else {}
+        path.write_bytes(mq_keras.convert_to_tflite(qmodel, mode=mode, **extra))
         sizes[mode] = path.stat().st_size
-    tflite_acc = tflite_accuracy(out_dir / f"mnist_{main_run}_weights.tflite", *test)
+        reports[mode] = mq_keras.verify_tflite(qmodel, path.read_bytes(), *test)
 
     total = time.perf_counter() - t_start
     rows = [("float (pretrained start)", float_acc, float_seconds)]
@@ -318,7 +300,8 @@ def main(argv):
                  else f"MetaQuant {FLAGS.meta_network}") + f" {bits}"
         rows.append((label, acc, seconds))
     label = "MetaQuant" if main_run == "metaquant" else "STE"
-    rows.append((f"{label} TFLite weights mode", tflite_acc, None))
+    for mode in ("weights", "int8"):
+        rows.append((f"{label} TFLite {mode} mode", reports[mode]["tflite_accuracy"], None))
     print(f"\n== Results ({source}; {len(train[0])} train / {len(test[0])} test "
           f"examples; seed {FLAGS.seed})")
     print(f"{'run':<40}{'test acc':>10}{'train s':>10}")
@@ -327,9 +310,12 @@ def main(argv):
         secs = f"{seconds:10.1f}" if seconds is not None else f"{'-':>10}"
         print(f"{label:<40}{acc:>10.4f}{secs}")
     print("-" * 60)
-    print(f"TFLite size: float {sizes['float']:,} bytes, weights (int8) "
-          f"{sizes['weights']:,} bytes ({sizes['float'] / sizes['weights']:.2f}x "
-          "smaller)")
+    print(f"{'TFLite file':<14}{'bytes':>10}{'x float':>9}{'top-1 agree':>13}"
+          f"{'max |dlogit|':>14}")
+    for mode in ("float", "weights", "int8"):
+        r = reports[mode]
+        print(f"{mode:<14}{sizes[mode]:>10,}{sizes[mode] / sizes['float']:>9.3f}"
+              f"{r['top1_agreement']:>13.4f}{r['max_abs_diff']:>14.2e}")
     print(f"Total time: {total:.1f} s. Files in {out_dir}")
 
     results = {
@@ -340,7 +326,7 @@ def main(argv):
         "epochs": epochs, "lr": FLAGS.lr, "momentum": FLAGS.momentum,
         "meta_lr": FLAGS.meta_lr, "float_accuracy": float_acc,
         "accuracy": {k: v[1] for k, v in runs.items()},
-        "tflite_weights_accuracy": tflite_acc, "tflite_bytes": sizes,
+        "tflite": {m: {"bytes": sizes[m], **reports[m]} for m in sizes},
         "seconds": total,
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -5,7 +5,6 @@ top-1 identical on the whole MNIST test set. Full-int8 mode: top-1 agreement
 >= 99% and accuracy within 0.5 points of Keras.
 """
 
-import numpy as np
 import keras
 import pytest
 
