@@ -28,7 +28,8 @@ def test_mnist_smoke(tmp_path, data):
     assert "== Results" in out
     for row in ("float (pretrained start)", "STE 1-bit dorefa",
                 "MetaQuant multifc 1-bit dorefa",
-                "MetaQuant TFLite weights mode", "TFLite size: float"):
+                "MetaQuant TFLite weights mode", "MetaQuant TFLite int8 mode",
+                "TFLite file"):
         assert row in out, out[-3000:]
     if data == "synthetic":
         assert "SYNTHETIC" in out
