@@ -177,8 +177,9 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
             uniform up to 4 bits) and int8 otherwise; 8-bit DoReFa needs
             9-bit codes and stays float32. Layers left float stay float32.
         "int8": full-integer model (int8 weights and activations, float
-            input/output) calibrated on `representative_dataset`; the
-            converter picks scale max|w|/127 per channel.
+            input/output) calibrated on `representative_dataset`; each
+            quantized filter is then moved from the converter's max|w|/127
+            scale onto its exact grid (`tflite_weights.regrid_int8_filters`).
         "float": no quantized storage at all (float32 kernels holding Q(W)).
 
     Args:
@@ -221,12 +222,13 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
         graph = strip_model(graph)
     elif not graph.built:
         raise ValueError(f"Model {graph.name!r} is not built.")
-    if mode == "int8":
-        return _convert(graph, representative_dataset=_as_representative(
-            representative_dataset))
     flat = _convert(graph)
     if mode == "float":
         return flat
+    if mode == "int8":
+        full = _convert(graph, representative_dataset=_as_representative(
+            representative_dataset))
+        return tflite_weights.regrid_int8_filters(full, flat)[0]
     packed, _ = tflite_weights.store_kernels_as_codes(
         flat, allow_int4=weight_dtype == "auto")
     return packed

@@ -233,3 +233,80 @@ def filter_values(flatbuffer):
             out[name] = (codes, np.asarray(t.quantization.scale, np.float32),
                          int(t.quantization.quantizedDimension))
     return out
+
+
+def _filter_tensors(model):
+    """Yields `(subgraph, op, filter index, axis)` for every filter op."""
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            spec = _FILTER_OPS.get(_op_code(model, op))
+            if spec is not None and int(op.inputs[spec[0]]) >= 0:
+                yield sg, op, int(op.inputs[spec[0]]), spec[1]
+
+
+def _name(tensor):
+    return tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
+
+
+def regrid_int8_filters(int8_flatbuffer, float_flatbuffer):
+    """Puts a full-integer model's int8 filters on the kernels' exact grids.
+
+    The converter quantizes every filter with scale `max|v| / 127`, which
+    lands 2^k-level grids between int8 codes (a 2-bit level 1/3 becomes
+    42/127). Per output channel with grid `v = s * L`, |L| <= M, this stores
+    `codes = L * f` and `scale = s / f` with `f = floor(127 / M)` (the most
+    int8 resolution an exact grid allows), and rescales the int32 bias, whose
+    scale must stay input_scale * filter_scale. Filters are matched to the
+    float model's by tensor name; one on no grid is left as converted.
+
+    Returns:
+        `(new_int8_flatbuffer, number of filters put on their grid)`.
+    """
+    exact = {}
+    fmodel = flatbuffer_utils.read_model_from_bytearray(bytearray(float_flatbuffer))
+    for sg, _, t_index, axis in _filter_tensors(fmodel):
+        t = sg.tensors[t_index]
+        buf = fmodel.buffers[t.buffer]
+        if t.type == schema.TensorType.FLOAT32 and buf.data is not None:
+            exact[_name(t)] = np.frombuffer(bytes(buf.data), np.float32).reshape(t.shape)
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(int8_flatbuffer))
+    changed = 0
+    seen = set()
+    for sg, op, t_index, axis in _filter_tensors(model):
+        t = sg.tensors[t_index]
+        if (id(sg), t_index) in seen or t.type != schema.TensorType.INT8:
+            continue
+        seen.add((id(sg), t_index))
+        values = exact.get(_name(t))
+        if values is None or values.shape != tuple(t.shape):
+            continue
+        found = grid_codes(values, axis)
+        if found is None or found[2] > 127:
+            continue
+        codes, scales, _ = found
+        moved = np.moveaxis(codes, axis, 0)
+        m = np.maximum(np.abs(moved.reshape(len(moved), -1)).max(axis=1), 1)
+        f = 127 // m
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        new_codes = (codes * f.reshape(shape)).astype(np.int8)
+        new_scales = (scales / f).astype(np.float32)
+        old_scales = np.asarray(t.quantization.scale, np.float32)
+        model.buffers[t.buffer].data = np.frombuffer(new_codes.tobytes(), np.uint8)
+        t.quantization.scale = new_scales
+        t.quantization.zeroPoint = np.zeros(len(new_scales), np.int64)
+        t.quantization.quantizedDimension = axis
+        bias_index = int(op.inputs[2]) if len(op.inputs) > 2 else -1
+        if bias_index >= 0:
+            bias = sg.tensors[bias_index]
+            bbuf = model.buffers[bias.buffer]
+            if bias.type == schema.TensorType.INT32 and bbuf.data is not None:
+                b = np.frombuffer(bytes(bbuf.data), np.int32).astype(np.float64)
+                ratio = old_scales.astype(np.float64) / new_scales.astype(np.float64)
+                new_b = np.clip(np.round(b * ratio), -2**31, 2**31 - 1).astype(np.int32)
+                bbuf.data = np.frombuffer(new_b.tobytes(), np.uint8)
+                bias.quantization.scale = (
+                    np.asarray(bias.quantization.scale, np.float64) / ratio
+                ).astype(np.float32)
+        changed += 1
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), changed

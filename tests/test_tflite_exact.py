@@ -140,3 +140,19 @@ def test_shell_conversion_round_trip(tmp_path):
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert bad.returncode != 0 and "not a .keras file" in bad.stderr
+
+
+@pytest.mark.parametrize("quantizer,bits", [("dorefa", 1), ("dorefa", 2), ("dorefa", 5),
+                                            ("uniform", 3), ("ternary", 2)])
+def test_int8_mode_filters_are_on_the_exact_grid(quantizer, bits):
+    q = mqk.quantize_model(_model(), kernel_quantizer=quantizer, num_bits=bits,
+                           meta_network="fc_grad", verbose=False)
+    x = np.random.default_rng(3).normal(size=(64, 9, 9, 3)).astype("float32")
+    blob = mqk.convert_to_tflite(q, mode="int8", representative_dataset=x)
+    decoded = _decoded(blob)
+    for w in q.wrappers:
+        kernel = _tflite_layout(w.quantized_kernels()["kernel"], w.layer)
+        codes, _ = _match(decoded, kernel)
+        assert np.abs(codes).max() <= 127
+    report = mqk.verify_tflite(q, blob, x)
+    assert report["flex_ops"] == []
