@@ -29,7 +29,10 @@ setup(
     install_requires=["tensorflow>=2.16", "keras>=3.5", "numpy"],
     extras_require={
         "examples": _DATA + ["absl-py"],
-        "tests": ["pytest", "hypothesis"] + _DATA + ["absl-py"],
+        # ai-edge-litert is the LiteRT runtime phones use; with it installed,
+        # export checks run the .tflite files in that interpreter.
+        "litert": ["ai-edge-litert"],
+        "tests": ["pytest", "hypothesis", "ai-edge-litert"] + _DATA + ["absl-py"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -172,10 +172,15 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
             Keras; each quantized kernel is stored as integer codes with one
             scale per output channel (`codes * scales` equals the Keras kernel
             `Q(A(W))`, BatchNorm folded in, to float rounding) and a builtin
-            DEQUANTIZE op expands it when the model loads. Codes are int4
-            where they fit (|code| <= 7: 1-3-bit DoReFa, BWN, ternary,
-            uniform up to 4 bits) and int8 otherwise; 8-bit DoReFa needs
-            9-bit codes and stays float32. Layers left float stay float32.
+            DEQUANTIZE op expands it. Codes are int4 where they fit
+            (|code| <= 7: 1-3-bit DoReFa, BWN, ternary, uniform up to 4
+            bits) and int8 otherwise; 8-bit DoReFa needs 9-bit codes and
+            stays float32. Layers left float stay float32. Speed: TFLite's
+            XNNPACK delegate takes int8 DEQUANTIZE (float speed) but not
+            int4, whose convolutions then run on the slower builtin kernels
+            (2x float latency with tf.lite, 3.7x with LiteRT 2.3, batch 1,
+            one thread, examples/benchmark_tflite.py); choose
+            `weight_dtype="int8"` for speed, "auto" for size.
         "int8": full-integer model (int8 weights and activations, float
             input/output) calibrated on `representative_dataset`; each
             quantized filter is then moved from the converter's max|w|/127
@@ -189,8 +194,8 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
         representative_dataset: inputs for "int8" calibration: an array of
             examples, a `tf.data.Dataset` of batches (or (x, y) batches), or a
             generator factory as TFLite takes it. Only for mode="int8".
-        weight_dtype: "auto" (int4 where it fits, else int8) or "int8", for
-            mode="weights".
+        weight_dtype: "auto" (int4 where it fits, else int8: smallest) or
+            "int8" (fastest), for mode="weights".
 
     Returns:
         The TFLite model as `bytes`.

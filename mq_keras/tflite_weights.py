@@ -16,7 +16,9 @@ each filter of CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED and TRANSPOSE_CONV:
    zero points 0, as int4 (two codes a byte, low nibble first) when every
    |q| <= 7 and int4 is allowed, else as int8;
 3. inserts a builtin DEQUANTIZE op that turns them back into the float filter,
-   so the op itself runs in float exactly as before.
+   so the op itself runs in float exactly as before. With constant input the
+   op's output is a constant; XNNPACK folds int8 ones at load time but (TF
+   2.21, LiteRT 2.3) not int4 ones, whose consumers then leave the delegate.
 
 A filter that is not on such a grid (a layer left float) is left as it is,
 and so is one that needs `M_c > 127`: 8-bit DoReFa's 256 odd levels
@@ -205,7 +207,7 @@ def store_kernels_as_codes(flatbuffer, *, allow_int4=True):
             new_ops.append(deq)
             done[t_index] = t_index
             entry["dtype"] = "int4" if int4 else "int8"
-        # DEQUANTIZE of constants runs first (TFLite evaluates it once).
+        # DEQUANTIZE ops go first so every consumer finds its float filter.
         sg.operators = new_ops + list(sg.operators)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), report
 
