@@ -14,6 +14,7 @@ agrees with its Keras model. `python -m mq_keras.export` converts a saved
 `.keras` file from the shell.
 """
 
+import re
 import tempfile
 import warnings
 
@@ -130,7 +131,29 @@ def _convert(graph, *, representative_dataset=None):
             converter.target_spec.supported_ops = [
                 tf.lite.OpsSet.TFLITE_BUILTINS_INT8
             ]
-        return converter.convert()
+        try:
+            return converter.convert()
+        except Exception as e:  # the converter raises several types
+            raise ValueError(_conversion_error(graph, str(e))) from e
+
+
+def _conversion_error(graph, text):
+    """An error message naming the layers the converter complained about."""
+    # Op locations in converter errors look like ".../<layer name>_1/<op>".
+    culprits = [
+        f"{layer.name} ({type(layer).__name__})"
+        for layer in iter_layers(graph)
+        if re.search(rf"/{re.escape(layer.name)}(_\d+)?/", text)
+    ]
+    where = (f" in layer(s) {', '.join(culprits)}" if culprits
+             else "")
+    first = "\n".join(text.strip().splitlines()[:12])
+    return (
+        f"TFLite cannot convert model {graph.name!r}{where} with builtin ops "
+        "only (mq_keras never emits Flex/SELECT_TF_OPS, which phones would "
+        "need to link). Replace or remove those layers. Converter said:\n"
+        + first
+    )
 
 
 def _as_representative(dataset):

@@ -156,3 +156,45 @@ def test_int8_mode_filters_are_on_the_exact_grid(quantizer, bits):
         assert np.abs(codes).max() <= 127
     report = mqk.verify_tflite(q, blob, x)
     assert report["flex_ops"] == []
+
+
+def test_all_supported_layer_kinds_export_exactly():
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same")(inp)
+    y = keras.layers.SeparableConv2D(8, 3, padding="same")(x)
+    x = keras.layers.BatchNormalization()(keras.layers.Add()([x, y]))
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    x = keras.layers.AveragePooling2D(2)(x)
+    x = keras.layers.Reshape((-1, 4))(x)
+    x = keras.layers.Conv1D(6, 3)(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    q = mqk.quantize_model(keras.Model(inp, keras.layers.Dense(5)(x)),
+                           kernel_quantizer="dorefa", num_bits=2,
+                           meta_network="fc_grad", verbose=False)
+    blob = mqk.convert_to_tflite(q)
+    x = np.random.default_rng(4).normal(size=(8, 16, 16, 3)).astype("float32")
+    report = mqk.verify_tflite(q, blob, x)
+    assert report["max_rel_diff"] < 1e-5 and report["top1_agreement"] == 1.0
+    assert report["flex_ops"] == []
+    n_kernels = sum(len(w.slots) for w in q.wrappers)
+    assert len(tflite_weights.filter_values(blob)) == n_kernels == 7
+
+
+class _Determinant(keras.layers.Layer):
+    def call(self, x):
+        import tensorflow as tf
+
+        return tf.linalg.det(keras.ops.reshape(x, (-1, 2, 2)))[:, None]
+
+    def compute_output_shape(self, shape):
+        return (shape[0], 1)
+
+
+def test_unconvertible_layer_is_named():
+    inp = keras.Input((4,))
+    out = keras.layers.Dense(2)(_Determinant(name="det_layer")(inp))
+    q = mqk.quantize_model(keras.Model(inp, out), meta_network="fc_grad", verbose=False)
+    with pytest.raises(ValueError, match="det_layer"):
+        mqk.convert_to_tflite(q)
