@@ -28,7 +28,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["tensorflow>=2.16", "keras>=3.5", "numpy"],
     extras_require={
-        "examples": _DATA + ["absl-py"],
+        # matplotlib: the benchmark's PNG plots (training curves, meta function).
+        "examples": _DATA + ["absl-py", "matplotlib"],
         # ai-edge-litert is the LiteRT runtime phones use; with it installed,
         # export checks run the .tflite files in that interpreter.
         "litert": ["ai-edge-litert"],

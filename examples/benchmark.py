@@ -1,0 +1,464 @@
+r"""MetaQuant vs STE vs float (vs TFMOT): accuracy, cost and plots, in one command.
+
+Profiles:
+    smoke   a few steps of MNIST, in-process (the test suite runs it).
+    quick   ~15-20 minutes on 2 CPU cores: CIFAR-10 ResNet20 from the paper's
+            full-precision weights, 1-bit DoReFa on every layer, short runs of
+            STE (paper lr and a 5x lr control), STE+Adam and the meta networks;
+            plus MNIST (small CNN from a 1-epoch float start) with DoReFa 1/2/4
+            bits and BWN, SGD and Adam, two seeds; plus TFMOT's QAT when its
+            venv exists (examples/tfmot_setup.sh).
+    full    the paper's Table 1 for a GPU: ResNet20, 100 epochs, lr x0.1 every
+            30 epochs, DoReFa and BWN, SGD and Adam, STE / FC-Grad / MultiFC /
+            LSTMFC / GainMLP, 5 seeds.
+
+Each run trains in its own child process (so that its peak memory is its own)
+and evaluates the test subset every `eval_every` steps (a "checkpoint"; an
+epoch in the full profile). Reported per group of runs:
+
+* the paper's metric: mean test accuracy over runs x last `last_k` checkpoints,
+  with the population variance in parentheses; and the best accuracy;
+* the median training-step time, as ratios to float and to STE measured in
+  the same invocation (medians over steps, runs in sequence on one machine);
+* peak RSS of the run's process.
+
+Writes `results.json`, `results.csv`, `curves_*.png` (test accuracy and
+training loss per checkpoint, STE vs MetaQuant: the paper's Fig. 3) and
+`meta_function.png` (the learned m against its inputs at the end of training).
+
+Example:
+    python examples/benchmark.py --profile=quick --output_dir=/tmp/mq_bench
+"""
+
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("profile", "quick", ["smoke", "quick", "full"], "Which runs.")
+flags.DEFINE_string("output_dir", None, "Where results go (default: a new temp dir).")
+flags.DEFINE_string("run_one", None, "Internal: run one JSON spec and print its result.")
+flags.DEFINE_bool("tfmot", True, "Include TFMOT's QAT when .venv-tfmot exists.")
+flags.DEFINE_integer("max_runs", 0, "Run only the first N runs (0: all), for trials.")
+
+RESULT_TAG = "MQ_BENCH_RESULT "
+
+
+# ----------------------------------------------------------------------------- profiles
+
+def _run(task, method, *, quantizer="dorefa", bits=1, optimizer="sgd", lr, seed=0,
+         semantics="code", **budget):
+    return dict(task=task, method=method, quantizer=quantizer, bits=bits,
+                optimizer=optimizer, lr=lr, seed=seed, semantics=semantics, **budget)
+
+
+def profile_runs(profile):
+    """The list of run specs of a profile."""
+    runs = []
+    if profile == "smoke":
+        b = dict(steps=4, eval_every=2, batch_size=32, train_limit=256, test_limit=128,
+                 last_k=2, pretrain_steps=4)
+        for m in ("float", "ste", "multifc", "gain_mlp"):
+            runs.append(_run("mnist", m, lr=0.05, **b))
+        return runs
+    if profile == "quick":
+        c = dict(steps=100, eval_every=25, batch_size=128, train_limit=None,
+                 test_limit=1000, last_k=2, pretrain_steps=0)
+        for m in ("float", "ste", "fc_grad", "multifc", "lstmfc", "gain_mlp"):
+            runs.append(_run("cifar10", m, lr=1e-3, **c))
+        runs.append(_run("cifar10", "ste", lr=5e-3, **c))  # the tuned-lr control
+        for m in ("ste", "multifc"):
+            runs.append(_run("cifar10", m, optimizer="adam", lr=1e-3, **c))
+        mn = dict(steps=300, eval_every=50, batch_size=64, train_limit=10000,
+                  test_limit=5000, last_k=3, pretrain_steps=157)
+        for seed in (0, 1):
+            runs.append(_run("mnist", "float", lr=0.05, seed=seed, **mn))
+            for opt, lr in (("sgd", 0.05), ("adam", 1e-3)):
+                for m in ("ste", "multifc", "gain_mlp"):
+                    runs.append(_run("mnist", m, optimizer=opt, lr=lr, seed=seed, **mn))
+            runs.append(_run("mnist", "ste", lr=0.25, seed=seed, **mn))  # 5x lr control
+            for m in ("fc_grad", "lstmfc"):
+                runs.append(_run("mnist", m, lr=0.05, seed=seed, **mn))
+            runs.append(_run("mnist", "multifc", lr=0.05, seed=seed, semantics="paper", **mn))
+        for q, k in (("bwn", 1), ("dorefa", 2), ("dorefa", 4)):
+            for opt, lr in (("sgd", 0.05), ("adam", 1e-3)):
+                for m in ("ste", "multifc", "gain_mlp"):
+                    runs.append(_run("mnist", m, quantizer=q, bits=k, optimizer=opt,
+                                     lr=lr, **mn))
+        return runs
+    # full: the paper's Table 1 (GPU scale).
+    f = dict(steps=100 * 391, eval_every=391, batch_size=128, train_limit=None,
+             test_limit=None, last_k=10, pretrain_steps=0, decay_every=30 * 391)
+    for seed in range(5):
+        for q in ("dorefa", "bwn"):
+            for opt in ("sgd", "adam"):
+                for m in ("ste", "fc_grad", "multifc", "lstmfc", "gain_mlp"):
+                    if q == "bwn" and m == "multifc":
+                        continue  # not in the paper's table
+                    runs.append(_run("cifar10", m, quantizer=q, optimizer=opt, lr=1e-3,
+                                     seed=seed, **f))
+    return runs
+
+
+# ----------------------------------------------------------------------------- one run
+
+class _StepTimer:
+    """Keras callback collecting per-batch wall times."""
+
+    def __new__(cls):
+        import keras
+
+        class Timer(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.times, self.loss = [], []
+
+            def on_train_batch_begin(self, batch, logs=None):
+                self._t = time.perf_counter()
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.times.append(time.perf_counter() - self._t)
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.loss.append(float(logs["loss"]))
+
+        return Timer()
+
+
+def _data(spec):
+    import numpy as np
+    import tensorflow as tf
+    import zoo
+
+    if spec["task"] == "mnist":
+        xtr, ytr = zoo.mnist_arrays("train", spec["train_limit"])
+        xte, yte = zoo.mnist_arrays("test", spec["test_limit"])
+        train = (tf.data.Dataset.from_tensor_slices((xtr, ytr))
+                 .shuffle(len(xtr), seed=spec["seed"]).repeat()
+                 .batch(spec["batch_size"], drop_remainder=True))
+        return train, (xte, yte), xtr
+    train = zoo.cifar10("train", batch_size=spec["batch_size"], augment=True,
+                        limit=spec["train_limit"], shuffle_seed=spec["seed"]).repeat()
+    xte, yte = zoo.cifar10_arrays("test", spec["test_limit"])
+    return train, (xte, yte), np.asarray(xte[:256])
+
+
+def _float_model(spec, cache_dir):
+    """The float starting point: the paper's FP ResNet20, or a float-trained CNN."""
+    import keras
+    import zoo
+
+    if spec["task"] == "cifar10":
+        model = zoo.resnet20()
+        path = zoo.default_pretrained_path()
+        if path is None:
+            raise RuntimeError("the paper's FP ResNet20 weights (../shared/pretrained) are absent")
+        zoo.load_pretrained_resnet20(model, path)
+        return model
+    keras.utils.set_random_seed(spec["seed"])
+    model = zoo.small_cnn()
+    path = os.path.join(cache_dir, f"mnist_float_seed{spec['seed']}.weights.h5")
+    if os.path.exists(path):
+        model.load_weights(path)
+        return model
+    train, _, _ = _data(spec)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(train, steps_per_epoch=spec["pretrain_steps"], epochs=1, verbose=0)
+    model.save_weights(path)
+    return model
+
+
+def _meta_function(qmodel):
+    """m / g on a grid of (g, w_tilde) values, per meta network (for the plot)."""
+    import numpy as np
+    from keras import ops
+
+    meta = qmodel.meta_network
+    slots = [s for _, s in qmodel._slots]
+    g_all = np.concatenate([s.prev_grad.numpy().ravel() for s in slots])
+    wt_all = np.concatenate([s.prev_w_tilde.numpy().ravel() for s in slots])
+    rms = float(np.sqrt(np.mean(g_all**2))) or 1.0
+    g = np.linspace(-3, 3, 41) * rms
+    wt = np.quantile(wt_all, [0.05, 0.25, 0.5, 0.75, 0.95])
+    gg, ww = np.meshgrid(g, wt)
+    col = lambda a: ops.convert_to_tensor(a.reshape(-1, 1).astype("float32"))  # noqa: E731
+    # The real kernels' rows go along, so networks that normalise per kernel
+    # (GainMLP) see the statistics they were trained with.
+    n = gg.size
+    g_in = np.concatenate([gg.ravel(), g_all])
+    w_in = np.concatenate([ww.ravel(), wt_all])
+    state = meta.initial_state(len(g_in)) if meta.state_size else ()
+    m, _ = meta.call(col(g_in), col(w_in), state,
+                     segment_ids=ops.convert_to_tensor(np.zeros(len(g_in), "int32")),
+                     num_segments=1)
+    m = np.asarray(m).ravel()[:n].reshape(gg.shape)
+    return {"g": g.tolist(), "w_tilde": wt.tolist(), "m": m.tolist(), "g_rms": rms}
+
+
+def run_one(spec, cache_dir):
+    """Trains one configuration; returns its result dict."""
+    import keras
+    import numpy as np
+    import zoo
+    import mq_keras
+
+    keras.utils.set_random_seed(spec["seed"])
+    train, (xte, yte), calib = _data(spec)
+    model = _float_model(spec, cache_dir)
+    keras.utils.set_random_seed(spec["seed"])
+    steps_per_epoch = spec["steps"] // max(spec["steps"] // spec["eval_every"], 1)
+    lr = spec["lr"]
+    if spec.get("decay_every"):
+        lr = zoo.step_decay(lr, spec["decay_every"], every_epochs=1)
+    opt = zoo.make_optimizer(spec["optimizer"], lr)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if spec["method"] == "float":
+        net = model
+        net.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
+    else:
+        est = "ste" if spec["method"] == "ste" else "metaquant"
+        net = mq_keras.quantize_model(
+            model, kernel_quantizer=spec["quantizer"], num_bits=spec["bits"],
+            meta_network="multifc" if est == "ste" else spec["method"],
+            estimator=est, semantics=spec["semantics"], verbose=False,
+            meta_network_options={"seed": spec["seed"]} if est != "ste" else None)
+        net.compile(optimizer=opt, meta_optimizer=mq_keras.PaperAdam(1e-3) if est != "ste" else None,
+                    loss=loss, metrics=["accuracy"])
+    start_acc = float(net.evaluate(xte, yte, batch_size=500, verbose=0, return_dict=True)["accuracy"])
+    timer = _StepTimer()
+    t0 = time.perf_counter()
+    hist = net.fit(train, steps_per_epoch=steps_per_epoch,
+                   epochs=spec["steps"] // steps_per_epoch,
+                   validation_data=(xte, yte), validation_batch_size=500,
+                   callbacks=[timer], verbose=0)
+    seconds = time.perf_counter() - t0
+    acc = [float(a) for a in hist.history["val_accuracy"]]
+    skip = min(3, len(timer.times) - 1)
+    result = dict(spec, start_accuracy=start_acc, accuracy=acc,
+                  train_loss=[float(v) for v in hist.history["loss"]],
+                  final_accuracy=acc[-1], best_accuracy=max(acc),
+                  step_seconds=statistics.median(timer.times[skip:]),
+                  train_seconds=seconds,
+                  peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  diverged=not np.isfinite(hist.history["loss"][-1]))
+    if "meta_grad_ratio" in hist.history:
+        result["meta_grad_ratio"] = [float(v) for v in hist.history["meta_grad_ratio"]]
+    if spec["method"] not in ("float", "ste"):
+        result["meta_function"] = _meta_function(net)
+    return result
+
+
+# ----------------------------------------------------------------------------- tfmot
+
+def tfmot_runs(profile, out_dir):
+    """TFMOT's QAT on the MNIST CNN, from the same float start, if its venv exists."""
+    if profile != "quick" or not FLAGS.tfmot:
+        return []
+    try:
+        import tfmot_runner
+    except ImportError:
+        return []
+    if not tfmot_runner.tfmot_available():
+        print("TFMOT venv absent (run examples/tfmot_setup.sh): peer rows skipped.")
+        return []
+    import keras
+
+    results = []
+    spec = dict(task="mnist", seed=0, pretrain_steps=157, train_limit=10000,
+                batch_size=64)
+    model = _float_model(spec, out_dir)
+    init = os.path.join(out_dir, "tfmot_init.npz")
+    tfmot_runner.save_init_weights(model, init)
+    for scheme, bits in (("default8", 8), ("nbit", 4), ("nbit", 2)):
+        try:
+            r = tfmot_runner.run_tfmot(
+                model="small_cnn", dataset="mnist", scheme=scheme, num_bits=bits,
+                epochs=6, steps_per_epoch=50, optimizer="sgd", lr=0.05, batch_size=64,
+                train_limit=10000, test_limit=5000, init_weights=init, timeout=900)
+        except Exception as e:  # a peer failure is a result, not a crash
+            print(f"TFMOT {scheme} {bits}: failed: {e}")
+            continue
+        acc = r.get("test_accuracy_per_epoch") or r.get("accuracy") or []
+        results.append(dict(task="mnist", method=f"tfmot_{scheme}", quantizer="tfmot",
+                            bits=bits, optimizer="sgd", lr=0.05, seed=0, semantics="-",
+                            last_k=3, accuracy=acc, final_accuracy=r.get("final_accuracy"),
+                            best_accuracy=max(acc) if acc else None,
+                            step_seconds=r.get("median_step_seconds") or r.get("step_seconds"),
+                            peak_rss_mib=r.get("peak_rss_mib"), raw=r))
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+
+def _group_key(r):
+    return (r["task"], r["quantizer"], r["bits"], r["optimizer"], r["lr"], r["method"],
+            r["semantics"])
+
+
+def summarize(results):
+    """Rows of the paper's metric per group of runs (seeds pooled)."""
+    import numpy as np
+
+    groups = {}
+    for r in results:
+        groups.setdefault(_group_key(r), []).append(r)
+    ref = {}
+    for key, rs in groups.items():
+        med = statistics.median([r["step_seconds"] for r in rs if r.get("step_seconds")] or [0])
+        if key[5] in ("float", "ste"):
+            ref.setdefault((key[0], key[5]), med)
+    rows = []
+    for key, rs in groups.items():
+        task, q, bits, opt, lr, method, sem = key
+        lasts = [a for r in rs if r["accuracy"] for a in r["accuracy"][-r["last_k"]:]]
+        step = statistics.median([r["step_seconds"] for r in rs if r.get("step_seconds")] or [0])
+        rows.append(dict(
+            task=task, quantizer=q, bits=bits, optimizer=opt, lr=lr, method=method,
+            semantics=sem, runs=len(rs),
+            mean_last=100 * float(np.mean(lasts)) if lasts else float("nan"),
+            var_last=float(np.var(100 * np.asarray(lasts))) if lasts else float("nan"),
+            best=100 * max((r["best_accuracy"] or 0) for r in rs),
+            step_ms=1000 * step,
+            x_float=step / ref[(task, "float")] if ref.get((task, "float")) else float("nan"),
+            x_ste=step / ref[(task, "ste")] if ref.get((task, "ste")) else float("nan"),
+            peak_rss_mib=max((r.get("peak_rss_mib") or 0) for r in rs)))
+    order = ["float", "ste", "fc_grad", "multifc", "lstmfc", "gain_mlp"]
+    rows.sort(key=lambda r: (r["task"], r["quantizer"], r["bits"], r["optimizer"], r["lr"],
+                             order.index(r["method"]) if r["method"] in order else 99,
+                             r["semantics"]))
+    return rows
+
+
+def print_table(rows):
+    head = (f"{'task':<8}{'quant':<8}{'bits':>4} {'opt':<5}{'lr':>7} {'method':<15}{'sem':<6}"
+            f"{'runs':>4} {'mean last (var)':>17}{'best':>7}{'ms/step':>9}{'x float':>8}"
+            f"{'x STE':>7}{'RSS MiB':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['task']:<8}{r['quantizer']:<8}{r['bits']:>4} {r['optimizer']:<5}{r['lr']:>7g} "
+              f"{r['method']:<15}{r['semantics']:<6}{r['runs']:>4} "
+              f"{r['mean_last']:>8.2f} ({r['var_last']:6.2f}){r['best']:>7.2f}"
+              f"{r['step_ms']:>9.1f}{r['x_float']:>8.2f}{r['x_ste']:>7.2f}"
+              f"{r['peak_rss_mib']:>9.0f}")
+
+
+def plot(results, out_dir):
+    """Writes curves_*.png and meta_function.png; returns the file names."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install -e '.[examples]').")
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    panels = {}
+    for r in results:
+        if r["method"] == "float" or r.get("seed", 0) != 0 or not r.get("train_loss"):
+            continue
+        panels.setdefault((r["task"], r["quantizer"], r["bits"], r["optimizer"]), []).append(r)
+    for (task, q, bits, opt), rs in panels.items():
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        for r in rs:
+            label = f"{r['method']} lr={r['lr']:g}" + (" paper" if r["semantics"] == "paper" else "")
+            x = [r["eval_every"] * (i + 1) for i in range(len(r["accuracy"]))]
+            a1.plot(x, [100 * a for a in r["accuracy"]], marker="o", label=label)
+            a2.plot(x, r["train_loss"], marker="o", label=label)
+        a1.set(xlabel="step", ylabel="test accuracy %", title=f"{task} {q}{bits} {opt}")
+        a2.set(xlabel="step", ylabel="training loss", title="training loss")
+        a1.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"curves_{task}_{q}{bits}_{opt}.png"
+        fig.savefig(os.path.join(out_dir, name), dpi=90)
+        plt.close(fig)
+        files.append(name)
+    metas = [r for r in results if r.get("meta_function") and r.get("seed", 0) == 0
+             and r["task"] == "cifar10" and r["optimizer"] == "sgd"] or \
+            [r for r in results if r.get("meta_function") and r.get("seed", 0) == 0][:4]
+    if metas:
+        fig, axes = plt.subplots(1, len(metas), figsize=(3.6 * len(metas), 3.2), squeeze=False)
+        for ax, r in zip(axes[0], metas):
+            mf = r["meta_function"]
+            g = [v / mf["g_rms"] for v in mf["g"]]
+            for wt, row in zip(mf["w_tilde"], mf["m"]):
+                ax.plot(g, [v / mf["g_rms"] for v in row], label=f"w~={wt:.2f}")
+            ax.plot(g, g, "k--", lw=0.8, label="STE (m=g)")
+            ax.set(title=f"{r['method']} {r['semantics']} ({r['task']})",
+                   xlabel="g / rms(g)", ylabel="m / rms(g)")
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "meta_function.png"), dpi=90)
+        plt.close(fig)
+        files.append("meta_function.png")
+    return files
+
+
+# ----------------------------------------------------------------------------- main
+
+def _child(spec, cache_dir):
+    cmd = [sys.executable, os.path.abspath(__file__), f"--run_one={json.dumps(spec)}",
+           f"--output_dir={cache_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    raise RuntimeError(f"run {spec} failed:\n{proc.stderr[-3000:]}")
+
+
+def main(argv):
+    del argv
+    out_dir = FLAGS.output_dir or tempfile.mkdtemp(prefix="mq_bench_")
+    os.makedirs(out_dir, exist_ok=True)
+    if FLAGS.run_one:
+        print(RESULT_TAG + json.dumps(run_one(json.loads(FLAGS.run_one), out_dir)))
+        return 0
+    runs = profile_runs(FLAGS.profile)
+    if FLAGS.max_runs:
+        runs = runs[:FLAGS.max_runs]
+    print(f"profile {FLAGS.profile}: {len(runs)} runs -> {out_dir}")
+    results = []
+    t0 = time.perf_counter()
+    for i, spec in enumerate(runs):
+        t = time.perf_counter()
+        if FLAGS.profile == "smoke":
+            r = run_one(spec, out_dir)  # in-process: faster, RSS not per run
+        else:
+            r = _child(spec, out_dir)
+        results.append(r)
+        print(f"[{i + 1}/{len(runs)}] {spec['task']} {spec['quantizer']}{spec['bits']} "
+              f"{spec['optimizer']} lr={spec['lr']:g} {spec['method']} {spec['semantics']} "
+              f"seed {spec['seed']}: acc {100 * r['final_accuracy']:.2f} "
+              f"(start {100 * r['start_accuracy']:.2f}), {1000 * r['step_seconds']:.1f} ms/step, "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
+    results += tfmot_runs(FLAGS.profile, out_dir)
+    rows = summarize(results)
+    print(f"\nResults ({FLAGS.profile} profile, {time.perf_counter() - t0:.0f} s; mean over "
+          "runs x last checkpoints, population variance in parentheses)")
+    print_table(rows)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"profile": FLAGS.profile, "runs": results, "summary": rows}, f)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    files = plot(results, out_dir)
+    print(f"\nWrote results.json, results.csv{', ' if files else ''}{', '.join(files)} in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
