@@ -273,8 +273,6 @@ def tfmot_runs(profile, out_dir):
     if not tfmot_runner.tfmot_available():
         print("TFMOT venv absent (run examples/tfmot_setup.sh): peer rows skipped.")
         return []
-    import keras
-
     results = []
     spec = dict(task="mnist", seed=0, pretrain_steps=157, train_limit=10000,
                 batch_size=64)
