@@ -1,5 +1,7 @@
 """`quantize_model`: one call from a float Keras model to a `MetaQuantModel`."""
 
+import warnings
+
 import keras
 
 from mq_keras import meta_networks, quantizers
@@ -115,6 +117,20 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
     meta = None
     if estimator == "metaquant":
         meta = meta_networks.get(meta_network, **(meta_network_options or {}))
+    if (isinstance(meta, meta_networks.MultiFC)
+            and not isinstance(quantizer, quantizers.DoReFa)):
+        # MultiFC's m = g * f(W_tilde) was designed for DoReFa's W_tilde in
+        # [0, 1]; with a signed W_tilde (W itself) a linear f flips the
+        # gradient of every negative weight. The paper has no BWN MultiFC
+        # result; our quick benchmark saw BWN + MultiFC + Adam collapse.
+        warnings.warn(
+            f"meta_network='multifc' with kernel_quantizer={quantizer.name!r}: "
+            "W_tilde takes both signs, so MultiFC's g * f(W_tilde) reverses "
+            "the gradient of negative weights unless f learns otherwise (the "
+            "paper pairs MultiFC with DoReFa only). Consider 'gain_mlp', "
+            "'fc_grad' or 'lstmfc'.",
+            stacklevel=2,
+        )
     selected = _layer_filter(filters, model)
 
     pairs = []

@@ -174,3 +174,17 @@ def test_ste_alias_and_quantizer_options():
                            quantizer_options={"per_channel": True}, verbose=False)
     assert q.estimator == "ste" and q.meta_network is None
     assert q.wrappers[0].kernel_quantizer.per_channel
+
+
+def test_multifc_with_signed_w_tilde_warns():
+    with pytest.warns(UserWarning, match="reverses"):
+        mqk.quantize_model(_cnn(), kernel_quantizer="bwn", meta_network="multifc",
+                           verbose=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mqk.quantize_model(_cnn(), kernel_quantizer="dorefa", meta_network="multifc",
+                           verbose=False)
+        mqk.quantize_model(_cnn(), kernel_quantizer="bwn", meta_network="gain_mlp",
+                           verbose=False)
