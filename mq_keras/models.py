@@ -33,6 +33,8 @@ a twin of the base optimizer, so that each optimizer counts one step per step).
 estimator (Keras' ordinary train step), for like-for-like comparisons.
 """
 
+import functools
+
 import numpy as np
 import keras
 import tensorflow as tf
@@ -120,6 +122,12 @@ class MetaQuantModel(keras.Model):
         )
         self.meta_step = self.add_weight(
             name="meta_step", shape=(), dtype="int64", initializer="zeros",
+            trainable=False,
+        )
+        # Steps whose loss, gradients or meta output were not finite; such a
+        # step writes nothing (weights, optimizer and MetaQuant state).
+        self.skipped_steps = self.add_weight(
+            name="skipped_steps", shape=(), dtype="int64", initializer="zeros",
             trainable=False,
         )
         self.meta_network = None
@@ -293,28 +301,84 @@ class MetaQuantModel(keras.Model):
             grads.append(tape.gradient(r, v))
         return grads
 
-    def _track(self, x, y, y_pred, sample_weight, loss, meta_norm, ste_norm):
-        batch = tf.shape(tf.nest.flatten(x)[0])[0]
-        self._loss_tracker.update_state(loss, sample_weight=batch)
-        self.meta_loss_tracker.update_state(loss)
-        self.grad_ratio_tracker.update_state(
-            meta_norm / ops.maximum(ste_norm, 1e-30)
-        )
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    @staticmethod
+    def _all_finite(tensors):
+        checks = [ops.all(ops.isfinite(t)) for t in tensors if t is not None]
+        return functools.reduce(ops.logical_and, checks, ops.convert_to_tensor(True))
+
+    def _forward_state(self):
+        """Copies of the variables a training forward pass writes (BN statistics).
+
+        MetaQuant's own state is written only after the step is known to be
+        finite, so it is left out (it is large: three floats per weight).
+        """
+        own = {id(v) for w in self.wrappers for v in w.non_trainable_weights}
+        variables = [v for v in self.quantized_model.non_trainable_variables
+                     if id(v) not in own]
+        return variables, [ops.convert_to_tensor(v) + 0 for v in variables]
+
+    def _guarded(self, finite, step, saved):
+        """Runs `step` if `finite`; else restores `saved` and counts a skipped step."""
+        def run():
+            step()
+            return ops.zeros((), "int32")
+
+        def skip():
+            # The forward already moved BN's statistics towards NaN: undo it.
+            for v, value in zip(*saved):
+                v.assign(value)
+            self.skipped_steps.assign_add(1)
+            return ops.zeros((), "int32")
+
+        ops.cond(finite, run, skip)
+
+    def _track(self, x, y, y_pred, sample_weight, loss, finite,
+               meta_norm=None, ste_norm=None):
+        # A skipped step does not enter the epoch averages (weight 0, value 0:
+        # a NaN times 0 would still poison a Mean).
+        batch = ops.cast(tf.shape(tf.nest.flatten(x)[0])[0], "float32")
+        weight = ops.where(finite, 1.0, 0.0)
+        safe_loss = ops.where(finite, loss, 0.0)
+        self._loss_tracker.update_state(safe_loss, sample_weight=batch * weight)
+        if meta_norm is not None:
+            self.meta_loss_tracker.update_state(safe_loss, sample_weight=weight)
+            ratio = meta_norm / ops.maximum(ste_norm, 1e-30)
+            self.grad_ratio_tracker.update_state(
+                ops.where(finite, ratio, 0.0), sample_weight=weight
+            )
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs = dict(logs)
+        logs["skipped_steps"] = self.skipped_steps
+        return logs
 
     def test_step(self, data):
         logs = super().test_step(data)
         # The meta trackers only mean something in training.
         return {k: v for k, v in logs.items()
-                if k not in ("meta_loss", "meta_grad_ratio")}
+                if k not in ("meta_loss", "meta_grad_ratio", "skipped_steps")}
 
     def train_step(self, data):
-        if self.estimator == "ste":
-            return super().train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self.estimator == "ste":
+            return self._ste_step(x, y, sample_weight)
         if self.semantics == "paper":
             return self._paper_step(x, y, sample_weight)
         return self._code_step(x, y, sample_weight)
+
+    def _ste_step(self, x, y, sample_weight):
+        """Keras' ordinary step through the wrappers (STE), skipping non-finite ones."""
+        variables = self.base_variables
+        saved = self._forward_state()
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+        grads = tape.gradient(loss, variables)
+        finite = self._all_finite([loss] + list(grads))
+        self._guarded(finite, lambda: self.optimizer.apply_gradients(
+            [(g, v) for g, v in zip(grads, variables) if g is not None]), saved)
+        return self._track(x, y, y_pred, sample_weight, loss, finite)
 
     def _code_step(self, x, y, sample_weight):
         lr = ops.cast(self.optimizer.learning_rate, "float32")
@@ -323,6 +387,7 @@ class MetaQuantModel(keras.Model):
         slots = [self._slots[i] for i in active]
         kernels = [s.variable for _, s in slots]
         phi = self.meta_network.trainable_variables
+        saved = self._forward_state()
 
         with tf.GradientTape() as tape:
             ms_all, new_state = self._meta_forward()
@@ -396,14 +461,22 @@ class MetaQuantModel(keras.Model):
                     var.assign(value)
             return ops.zeros((), "int32")
 
-        ops.cond(first, record_first_step, update)
-        for (_, s), g, wt in zip(self._slots, g_what, w_tildes):
-            s.prev_grad.assign(g)
-            s.prev_w_tilde.assign(ops.cast(wt, "float32"))
-        self.meta_step.assign_add(1)
+        def step():
+            ops.cond(first, record_first_step, update)
+            for (_, s), g, wt in zip(self._slots, g_what, w_tildes):
+                s.prev_grad.assign(g)
+                s.prev_w_tilde.assign(ops.cast(wt, "float32"))
+            self.meta_step.assign_add(1)
+
+        finite = self._all_finite(
+            [loss] + g_phi + g_kernel + list(g_other) + g_what + g_look
+            + list(new_state)
+        )
+        self._guarded(finite, step, saved)
         meta_norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in g_kernel))
         ste_norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in g_look))
-        return self._track(x, y, y_pred, sample_weight, loss, meta_norm, ste_norm)
+        return self._track(x, y, y_pred, sample_weight, loss, finite,
+                           meta_norm, ste_norm)
 
     def _paper_step(self, x, y, sample_weight):
         lr = ops.cast(self.optimizer.learning_rate, "float32")
@@ -413,6 +486,7 @@ class MetaQuantModel(keras.Model):
         kernels = [s.variable for _, s in slots]
         phi = self.meta_network.trainable_variables
         reg = self._regularization_grads(kernels)
+        saved = self._forward_state()
 
         with tf.GradientTape(persistent=True) as meta_tape:
             ms_all, new_state = self._meta_forward()
@@ -435,7 +509,11 @@ class MetaQuantModel(keras.Model):
             def no_step():
                 return [ops.zeros_like(b) for b in before]
 
-            deltas = ops.cond(first, no_step, step_kernels)
+            # A non-finite meta output never reaches the kernels.
+            finite_m = self._all_finite(g_kernel)
+            deltas = ops.cond(
+                ops.logical_or(first, ops.logical_not(finite_m)), no_step, step_kernels
+            )
             looks = []
             for c, m, b, d in zip(calibs, ms, before, deltas):
                 step = lr * (c * m)
@@ -480,11 +558,18 @@ class MetaQuantModel(keras.Model):
                     var.assign(value)
             return ops.zeros((), "int32")
 
-        ops.cond(first, lambda: ops.zeros((), "int32"), update)
-        for (_, s), g, wt in zip(self._slots, g_what, w_tildes):
-            s.prev_grad.assign(g)
-            s.prev_w_tilde.assign(ops.cast(wt, "float32"))
-        self.meta_step.assign_add(1)
+        def step():
+            ops.cond(first, lambda: ops.zeros((), "int32"), update)
+            for (_, s), g, wt in zip(self._slots, g_what, w_tildes):
+                s.prev_grad.assign(g)
+                s.prev_w_tilde.assign(ops.cast(wt, "float32"))
+            self.meta_step.assign_add(1)
+
+        finite = ops.logical_and(finite_m, self._all_finite(
+            [loss] + g_phi + list(g_other) + g_what + g_look + list(new_state)
+        ))
+        self._guarded(finite, step, saved)
         meta_norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in g_kernel))
         ste_norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in g_look))
-        return self._track(x, y, y_pred, sample_weight, loss, meta_norm, ste_norm)
+        return self._track(x, y, y_pred, sample_weight, loss, finite,
+                           meta_norm, ste_norm)
