@@ -17,10 +17,12 @@ other axis; per-tensor ones reduce over all axes.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
 _PACKAGE = "mq_keras"
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 def _reduce_axes(rank, channel_axes):
@@ -333,7 +335,9 @@ class Uniform(Quantizer):
         m = ops.max(ops.abs(w_tilde), axis=axes, keepdims=True)
         # An all-zero channel keeps s = 1 so that it stays exactly zero.
         m = ops.where(m > 0, m, ops.full_like(m, n))
-        return ops.stop_gradient(m / n)
+        # A step below float32's smallest normal would be flushed to zero
+        # (W / s -> inf, NaN output); clamping keeps |W / s| <= n and W_hat finite.
+        return ops.stop_gradient(ops.maximum(m / n, _TINY))
 
     def quantize(self, w_tilde, channel_axes=(-1,)):
         s = self.scale(w_tilde, channel_axes)
