@@ -172,27 +172,15 @@ def load_data(source, *, train_n, eval_n, seed):
 # ---------------------------------------------------------------------------- model
 
 def make_model():
-    """The main job's CNN: the same layers as examples/mnist.py `make_model`.
+    """The main job's CNN (examples/mnist.py `make_model`), from examples/zoo.py.
 
-    Conv 32 -> BN -> ReLU -> pool -> Conv 64 -> BN -> ReLU -> pool -> Dense 10
-    -> BN, BN momentum 0.9. (Not imported from examples/mnist.py: importing it
-    would define its absl flags, several of which share names with these.)
+    `zoo.small_cnn` is the flag-free copy (tests/test_zoo.py checks it layer
+    by layer against mnist.py); importing mnist.py itself would define its
+    absl flags, several of which share names with these.
     """
-    import keras
+    import zoo
 
-    def bn(name):
-        return keras.layers.BatchNormalization(momentum=0.9, name=name)
-
-    inputs = keras.Input((28, 28, 1))
-    x = keras.layers.Conv2D(32, 3, name="conv1")(inputs)
-    x = keras.layers.ReLU()(bn("bn1")(x))
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(64, 3, name="conv2")(x)
-    x = keras.layers.ReLU()(bn("bn2")(x))
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Flatten()(x)
-    outputs = bn("bn_logits")(keras.layers.Dense(10, name="logits")(x))
-    return keras.Model(inputs, outputs, name="mnist_cnn")
+    return zoo.small_cnn()
 
 
 def architecture(model):
