@@ -62,6 +62,10 @@ def wrappers_of(model):
     return [l for l in iter_layers(model) if isinstance(l, MetaQuantWrapper)]
 
 
+def _global_norm(tensors):
+    return ops.sqrt(sum(ops.sum(ops.square(t)) for t in tensors))
+
+
 def _safe_divide(x, lr):
     # lr = 0 means no step was taken; keep r = 0 rather than 0/0.
     return ops.where(lr > 0, x / ops.where(lr > 0, lr, 1.0), ops.zeros_like(x))
@@ -306,6 +310,13 @@ class MetaQuantModel(keras.Model):
         checks = [ops.all(ops.isfinite(t)) for t in tensors if t is not None]
         return functools.reduce(ops.logical_and, checks, ops.convert_to_tensor(True))
 
+    def _record_state(self, g_what, w_tildes):
+        """Stores this step's dL/dW_hat and W_tilde for the next meta step."""
+        for (_, s), g, wt in zip(self._slots, g_what, w_tildes):
+            s.prev_grad.assign(g)
+            s.prev_w_tilde.assign(ops.cast(wt, "float32"))
+        self.meta_step.assign_add(1)
+
     def _forward_state(self):
         """Copies of the variables a training forward pass writes (BN statistics).
 
@@ -463,20 +474,15 @@ class MetaQuantModel(keras.Model):
 
         def step():
             ops.cond(first, record_first_step, update)
-            for (_, s), g, wt in zip(self._slots, g_what, w_tildes):
-                s.prev_grad.assign(g)
-                s.prev_w_tilde.assign(ops.cast(wt, "float32"))
-            self.meta_step.assign_add(1)
+            self._record_state(g_what, w_tildes)
 
         finite = self._all_finite(
             [loss] + g_phi + g_kernel + list(g_other) + g_what + g_look
             + list(new_state)
         )
         self._guarded(finite, step, saved)
-        meta_norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in g_kernel))
-        ste_norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in g_look))
         return self._track(x, y, y_pred, sample_weight, loss, finite,
-                           meta_norm, ste_norm)
+                           _global_norm(g_kernel), _global_norm(g_look))
 
     def _paper_step(self, x, y, sample_weight):
         lr = ops.cast(self.optimizer.learning_rate, "float32")
@@ -560,16 +566,11 @@ class MetaQuantModel(keras.Model):
 
         def step():
             ops.cond(first, lambda: ops.zeros((), "int32"), update)
-            for (_, s), g, wt in zip(self._slots, g_what, w_tildes):
-                s.prev_grad.assign(g)
-                s.prev_w_tilde.assign(ops.cast(wt, "float32"))
-            self.meta_step.assign_add(1)
+            self._record_state(g_what, w_tildes)
 
         finite = ops.logical_and(finite_m, self._all_finite(
             [loss] + g_phi + list(g_other) + g_what + g_look + list(new_state)
         ))
         self._guarded(finite, step, saved)
-        meta_norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in g_kernel))
-        ste_norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in g_look))
         return self._track(x, y, y_pred, sample_weight, loss, finite,
-                           meta_norm, ste_norm)
+                           _global_norm(g_kernel), _global_norm(g_look))
