@@ -198,11 +198,11 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
             DEQUANTIZE op expands it. Codes are int4 where they fit
             (|code| <= 7: 1-3-bit DoReFa, BWN, ternary, uniform up to 4
             bits) and int8 otherwise; 8-bit DoReFa needs 9-bit codes and
-            stays float32. Layers left float stay float32. Speed: TFLite's
-            XNNPACK delegate takes int8 DEQUANTIZE (float speed) but not
-            int4, whose convolutions then run on the slower builtin kernels
-            (2x float latency with tf.lite, 3.7x with LiteRT 2.3, batch 1,
-            one thread, examples/benchmark_tflite.py); choose
+            stays float32. Layers left float stay float32. Speed: int8
+            codes run at float speed; int4 codes at 2x float latency with
+            tf.lite and 3.7x with LiteRT 2.3 (batch 1, one thread,
+            examples/benchmark_tflite.py; apparently XNNPACK does not take
+            convolutions fed by an int4 DEQUANTIZE); choose
             `weight_dtype="int8"` for speed, "auto" for size.
         "int8": full-integer model (int8 weights and activations, float
             input/output) calibrated on `representative_dataset`; each
