@@ -45,6 +45,11 @@ _KERNELS = {
 
 SUPPORTED_LAYERS = tuple(_KERNELS)
 
+# MetaQuant state is computed from all-reduced gradients, so every replica
+# writes the same value; under tf.distribute the first replica's write is kept
+# (an assignment in replica context needs some aggregation to be allowed).
+STATE_AGGREGATION = "only_first_replica"
+
 
 def kernel_spec(layer):
     """Returns `((kernel_name, channel_axes), ...)` for a supported layer, else None.
@@ -201,6 +206,7 @@ class MetaQuantWrapper(keras.layers.Wrapper):
                     initializer="zeros",
                     trainable=False,
                     dtype="float32",
+                    aggregation=STATE_AGGREGATION,
                 )
 
             self.slots.append(
@@ -217,6 +223,7 @@ class MetaQuantWrapper(keras.layers.Wrapper):
                 initializer="zeros",
                 trainable=False,
                 dtype="float32",
+                aggregation=STATE_AGGREGATION,
             )
         self.built = True
 

@@ -40,7 +40,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from mq_keras import meta_networks
+from mq_keras import distribute, meta_networks
 from mq_keras.layers import MetaQuantWrapper, training_context
 
 _PACKAGE = "mq_keras"
@@ -328,20 +328,26 @@ class MetaQuantModel(keras.Model):
                      if id(v) not in own]
         return variables, [ops.convert_to_tensor(v) + 0 for v in variables]
 
-    def _guarded(self, finite, step, saved):
-        """Runs `step` if `finite`; else restores `saved` and counts a skipped step."""
-        def run():
-            step()
-            return ops.zeros((), "int32")
+    def _guarded(self, finite, step, args, saved):
+        """Runs `step(*args)` if `finite`; else restores `saved` and counts a skip.
 
-        def skip():
+        `finite` must agree on all replicas; `args` carries every per-replica
+        tensor `step` needs (see `mq_keras.distribute.cond`).
+        """
+        variables, values = saved
+
+        def run(args, values):
+            del values
+            step(*args)
+
+        def skip(args, values):
+            del args
             # The forward already moved BN's statistics towards NaN: undo it.
-            for v, value in zip(*saved):
+            for v, value in zip(variables, values):
                 v.assign(value)
             self.skipped_steps.assign_add(1)
-            return ops.zeros((), "int32")
 
-        ops.cond(finite, run, skip)
+        distribute.cond(finite, run, skip, args=(tuple(args), tuple(values)))
 
     def _track(self, x, y, y_pred, sample_weight, loss, finite,
                meta_norm=None, ste_norm=None):
@@ -349,7 +355,7 @@ class MetaQuantModel(keras.Model):
         # a NaN times 0 would still poison a Mean).
         batch = ops.cast(tf.shape(tf.nest.flatten(x)[0])[0], "float32")
         weight = ops.where(finite, 1.0, 0.0)
-        safe_loss = ops.where(finite, loss, 0.0)
+        safe_loss = ops.where(finite, distribute.unscale_loss(loss), 0.0)
         self._loss_tracker.update_state(safe_loss, sample_weight=batch * weight)
         if meta_norm is not None:
             self.meta_loss_tracker.update_state(safe_loss, sample_weight=weight)
@@ -365,16 +371,33 @@ class MetaQuantModel(keras.Model):
     def test_step(self, data):
         logs = super().test_step(data)
         # The meta trackers only mean something in training.
-        return {k: v for k, v in logs.items()
-                if k not in ("meta_loss", "meta_grad_ratio", "skipped_steps")}
+        return distribute.as_multi_worker_logs(
+            {k: v for k, v in logs.items()
+             if k not in ("meta_loss", "meta_grad_ratio", "skipped_steps")}
+        )
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if self.estimator == "ste":
-            return self._ste_step(x, y, sample_weight)
-        if self.semantics == "paper":
-            return self._paper_step(x, y, sample_weight)
-        return self._code_step(x, y, sample_weight)
+            logs = self._ste_step(x, y, sample_weight)
+        elif self.semantics == "paper":
+            logs = self._paper_step(x, y, sample_weight)
+        else:
+            logs = self._code_step(x, y, sample_weight)
+        return distribute.as_multi_worker_logs(logs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 averages the first distributed batch with
+        # strategy.reduce() to build metrics, which fails eagerly under
+        # MultiWorkerMirroredStrategy (a plain keras.Model fails the same
+        # way); shapes are all it needs, so take the first local replica's.
+        if iterator is None or not distribute.is_multi_worker(self.distribute_strategy):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        for _, _, it in iterator:
+            data_batch = distribute.first_local_values(self.distribute_strategy, next(it))
+            break
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
 
     def _ste_step(self, x, y, sample_weight):
         """Keras' ordinary step through the wrappers (STE), skipping non-finite ones."""
@@ -386,9 +409,13 @@ class MetaQuantModel(keras.Model):
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
         grads = tape.gradient(loss, variables)
-        finite = self._all_finite([loss] + list(grads))
-        self._guarded(finite, lambda: self.optimizer.apply_gradients(
-            [(g, v) for g, v in zip(grads, variables) if g is not None]), saved)
+        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+        finite = distribute.all_replicas(self._all_finite([loss] + list(grads)))
+
+        def apply(grads):
+            self.optimizer.apply_gradients(zip(grads, [v for _, v in pairs]))
+
+        self._guarded(finite, apply, ([g for g, _ in pairs],), saved)
         return self._track(x, y, y_pred, sample_weight, loss, finite)
 
     def _code_step(self, x, y, sample_weight):
@@ -431,6 +458,8 @@ class MetaQuantModel(keras.Model):
                   for g, (_, s) in zip(g_what, self._slots)]
         g_look = [ops.zeros_like(v) if g is None else g for g, v in zip(g_look, kernels)]
         g_phi = [ops.zeros_like(v) if g is None else g for g, v in zip(g_phi, phi)]
+        g_what = distribute.all_reduce_sum(g_what)
+        g_look = distribute.all_reduce_sum(g_look)
         reg = self._regularization_grads(kernels)
         g_kernel = [
             c * ops.stop_gradient(m) + (0.0 if r is None else r)
@@ -438,28 +467,28 @@ class MetaQuantModel(keras.Model):
         ]
         bias_vars = [w.bias_variable for w in bias_wrappers]
         bias_ids = {id(b): i for i, b in enumerate(bias_vars)}
-        g_bias = [None] * len(bias_vars)
+        g_bias = [ops.zeros_like(b) for b in bias_vars]
         for v, g in zip(others, g_other):
-            if id(v) in bias_ids:
+            if id(v) in bias_ids and g is not None:
                 g_bias[bias_ids[id(v)]] = g
+        g_bias = distribute.all_reduce_sum(g_bias)
+        # Per-replica partial gradients (the optimizers sum them over replicas).
+        other_pairs = [(g, v) for g, v in zip(g_other, others) if g is not None]
 
-        def record_first_step():
+        def record_first_step(g_look, g_bias):
             # Iteration 0 updates nothing; its raw STE gradients become r'.
             for (_, s), g in zip(slots, g_look):
                 s.prev_update.assign(g)
             for w, g in zip(bias_wrappers, g_bias):
-                w.bias_prev_update.assign(
-                    ops.zeros_like(w.bias_variable) if g is None else g
-                )
-            return ops.zeros((), "int32")
+                w.bias_prev_update.assign(g)
 
-        def update():
+        def update(g_phi, g_kernel, g_other, new_state):
             self.meta_optimizer.apply_gradients(zip(g_phi, phi))
             tracked = kernels + bias_vars
             before = [ops.convert_to_tensor(v) + 0.0 for v in tracked]
             self.optimizer.apply_gradients(
-                [(g, v) for g, v in zip(g_kernel + g_other, kernels + others)
-                 if g is not None]
+                list(zip(g_kernel, kernels))
+                + list(zip(g_other, [v for _, v in other_pairs]))
             )
             updates = [_safe_divide(b - ops.convert_to_tensor(v), lr)
                        for b, v in zip(before, tracked)]
@@ -470,17 +499,21 @@ class MetaQuantModel(keras.Model):
             if self.meta_state and not self.reset_meta_state:
                 for var, value in zip(self.meta_state, new_state):
                     var.assign(value)
-            return ops.zeros((), "int32")
 
-        def step():
-            ops.cond(first, record_first_step, update)
-            self._record_state(g_what, w_tildes)
-
-        finite = self._all_finite(
+        finite = distribute.all_replicas(self._all_finite(
             [loss] + g_phi + g_kernel + list(g_other) + g_what + g_look
             + list(new_state)
+        ))
+        # Three guarded pieces rather than nested conds: a cond whose branch
+        # synchronises replicas must be entered from cross-replica context.
+        distribute.cond(ops.logical_and(finite, first), record_first_step,
+                        distribute.noop, args=(g_look, g_bias))
+        distribute.cond(
+            ops.logical_and(finite, ops.logical_not(first)), update, distribute.noop,
+            args=(g_phi, distribute.for_optimizer(g_kernel),
+                  [g for g, _ in other_pairs], tuple(new_state)),
         )
-        self._guarded(finite, step, saved)
+        self._guarded(finite, self._record_state, (g_what, w_tildes), saved)
         return self._track(x, y, y_pred, sample_weight, loss, finite,
                            _global_norm(g_kernel), _global_norm(g_look))
 
@@ -502,28 +535,25 @@ class MetaQuantModel(keras.Model):
                                                s.channel_axes)
                 for w, s in slots
             ]
-            g_kernel = [
-                c * ops.stop_gradient(m) + (0.0 if r is None else r)
-                for c, m, r in zip(calibs, ms, reg)
-            ]
-            before = [ops.convert_to_tensor(v) + 0.0 for v in kernels]
+            # lr * calib * m: the part of this step's update that phi moves.
+            steps = [lr * (c * m) for c, m in zip(calibs, ms)]
+        g_kernel = [
+            c * ops.stop_gradient(m) + (0.0 if r is None else r)
+            for c, m, r in zip(calibs, ms, reg)
+        ]
 
-            def step_kernels():
-                self.optimizer.apply_gradients(zip(g_kernel, kernels))
-                return [b - ops.convert_to_tensor(v) for b, v in zip(before, kernels)]
+        def step_kernels(g_kernel):
+            self.optimizer.apply_gradients(zip(g_kernel, kernels))
 
-            def no_step():
-                return [ops.zeros_like(b) for b in before]
-
-            # A non-finite meta output never reaches the kernels.
-            finite_m = self._all_finite(g_kernel)
-            deltas = ops.cond(
-                ops.logical_or(first, ops.logical_not(finite_m)), no_step, step_kernels
-            )
-            looks = []
-            for c, m, b, d in zip(calibs, ms, before, deltas):
-                step = lr * (c * m)
-                looks.append(b - (step + ops.stop_gradient(d - step)))
+        # A non-finite meta output never reaches the kernels (m, hence
+        # finite_m, is the same on every replica).
+        finite_m = self._all_finite(g_kernel)
+        distribute.cond(ops.logical_and(finite_m, ops.logical_not(first)),
+                        step_kernels, distribute.noop,
+                        args=(distribute.for_optimizer(g_kernel),))
+        # The look-ahead is the kernel after the real update, V = W - d with
+        # dV/dphi = -d(steps)/dphi (used for g_phi below).
+        looks = [ops.convert_to_tensor(v) + 0.0 for v in kernels]
 
         latents = {id(v): V for v, V in zip(kernels, looks)}
         with tf.GradientTape() as tape:
@@ -538,6 +568,8 @@ class MetaQuantModel(keras.Model):
         g_look = [ops.zeros_like(v) if g is None else g
                   for g, v in zip(grads[n_s:n_s + n_k], kernels)]
         g_other = grads[n_s + n_k:]
+        g_what = distribute.all_reduce_sum(g_what)
+        g_look = distribute.all_reduce_sum(g_look)
 
         # Eq. 8: the meta network's output at this step's (dL/dW_hat, W_tilde)
         # stands in for the STE as dL/dW_tilde when differentiating w.r.t. phi.
@@ -545,32 +577,35 @@ class MetaQuantModel(keras.Model):
             else self._current_meta_state()
         m_now, _ = self._meta_forward(g_what, w_tildes, state_after)
         cotangents = [
-            ops.stop_gradient(
+            -ops.stop_gradient(
                 w.kernel_quantizer.calibration(V, s.channel_axes) * m_now[i]
             )
             for i, (w, s), V in zip(active, slots, looks)
         ]
-        g_phi = meta_tape.gradient(looks, phi, output_gradients=cotangents)
+        g_phi = meta_tape.gradient(steps, phi, output_gradients=cotangents)
         del meta_tape
+        # Built from all-reduced dL/dW_hat: the same on every replica.
         g_phi = [ops.zeros_like(v) if g is None else g for g, v in zip(g_phi, phi)]
+        other_pairs = [(g, v) for g, v in zip(g_other, others) if g is not None]
 
-        def update():
+        def update(g_phi, g_other, new_state):
             self.meta_optimizer.apply_gradients(zip(g_phi, phi))
-            pairs = [(g, v) for g, v in zip(g_other, others) if g is not None]
-            if pairs:
-                self._rest_optimizer.apply_gradients(pairs)
+            if other_pairs:
+                self._rest_optimizer.apply_gradients(
+                    zip(g_other, [v for _, v in other_pairs])
+                )
             if self.meta_state and not self.reset_meta_state:
                 for var, value in zip(self.meta_state, new_state):
                     var.assign(value)
-            return ops.zeros((), "int32")
 
-        def step():
-            ops.cond(first, lambda: ops.zeros((), "int32"), update)
-            self._record_state(g_what, w_tildes)
-
-        finite = ops.logical_and(finite_m, self._all_finite(
+        finite = ops.logical_and(finite_m, distribute.all_replicas(self._all_finite(
             [loss] + g_phi + list(g_other) + g_what + g_look + list(new_state)
-        ))
-        self._guarded(finite, step, saved)
+        )))
+        distribute.cond(
+            ops.logical_and(finite, ops.logical_not(first)), update, distribute.noop,
+            args=(distribute.for_optimizer(g_phi), [g for g, _ in other_pairs],
+                  tuple(new_state)),
+        )
+        self._guarded(finite, self._record_state, (g_what, w_tildes), saved)
         return self._track(x, y, y_pred, sample_weight, loss, finite,
                            _global_norm(g_kernel), _global_norm(g_look))
