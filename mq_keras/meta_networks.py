@@ -46,7 +46,16 @@ class MetaNetwork(keras.layers.Layer):
     state_size = 0
 
     def __init__(self, *, hidden_size=100, seed=None, **kwargs):
+        # The meta step runs in float32 whatever the global policy: its
+        # inputs are gradients (tiny) and its output scales every update.
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        if self.dtype_policy.compute_dtype != "float32":
+            raise ValueError(
+                f"Meta networks compute in float32; got dtype "
+                f"{self.dtype_policy.name!r}. Leave dtype unset (mixed "
+                "precision policies apply to the quantized model only)."
+            )
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(
                 f"hidden_size must be a positive int, got {hidden_size!r}."

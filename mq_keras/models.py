@@ -41,6 +41,7 @@ import tensorflow as tf
 from keras import ops
 
 from mq_keras import distribute, meta_networks
+from mq_keras.loss_scaling import LossScaling
 from mq_keras.layers import MetaQuantWrapper, training_context
 
 _PACKAGE = "mq_keras"
@@ -197,9 +198,8 @@ class MetaQuantModel(keras.Model):
             self.meta_optimizer.build(self.meta_network.trainable_variables)
             if self.semantics == "paper":
                 _, rest, _ = self._partition()
-                self._rest_optimizer = type(self.optimizer).from_config(
-                    self.optimizer.get_config()
-                )
+                base = LossScaling(self.optimizer).optimizer
+                self._rest_optimizer = type(base).from_config(base.get_config())
                 self._rest_optimizer.build(rest)
 
     def get_compile_config(self):
@@ -335,10 +335,12 @@ class MetaQuantModel(keras.Model):
         tensor `step` needs (see `mq_keras.distribute.cond`).
         """
         variables, values = saved
+        scaling = LossScaling(self.optimizer)
 
         def run(args, values):
             del values
             step(*args)
+            scaling.on_finite()
 
         def skip(args, values):
             del args
@@ -346,6 +348,7 @@ class MetaQuantModel(keras.Model):
             for v, value in zip(variables, values):
                 v.assign(value)
             self.skipped_steps.assign_add(1)
+            scaling.on_skip()
 
         distribute.cond(finite, run, skip, args=(tuple(args), tuple(values)))
 
@@ -402,23 +405,26 @@ class MetaQuantModel(keras.Model):
     def _ste_step(self, x, y, sample_weight):
         """Keras' ordinary step through the wrappers (STE), skipping non-finite ones."""
         variables = self.base_variables
+        scaling = LossScaling(self.optimizer)
         saved = self._forward_state()
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
-        grads = tape.gradient(loss, variables)
+            scaled_loss = scaling.scale(loss)
+        grads = scaling.unscale(tape.gradient(scaled_loss, variables))
         pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
         finite = distribute.all_replicas(self._all_finite([loss] + list(grads)))
 
         def apply(grads):
-            self.optimizer.apply_gradients(zip(grads, [v for _, v in pairs]))
+            scaling.optimizer.apply_gradients(zip(grads, [v for _, v in pairs]))
 
         self._guarded(finite, apply, ([g for g, _ in pairs],), saved)
         return self._track(x, y, y_pred, sample_weight, loss, finite)
 
     def _code_step(self, x, y, sample_weight):
+        scaling = LossScaling(self.optimizer)
         lr = ops.cast(self.optimizer.learning_rate, "float32")
         first = ops.equal(self.meta_step, 0)
         active, others, bias_wrappers = self._partition()
@@ -445,10 +451,13 @@ class MetaQuantModel(keras.Model):
                     w.bias_prev_update
                 )
             y_pred, loss, records = self._forward_loss(x, y, sample_weight, latents)
+            scaled_loss = scaling.scale(loss)
 
         w_tildes = [records[id(s.variable)][0] for _, s in self._slots]
         w_hats = [records[id(s.variable)][1] for _, s in self._slots]
-        grads = tape.gradient(loss, list(phi) + w_hats + looks + others)
+        grads = scaling.unscale(
+            tape.gradient(scaled_loss, list(phi) + w_hats + looks + others)
+        )
         n_phi, n_k, n_s = len(phi), len(kernels), len(self._slots)
         g_phi = grads[:n_phi]
         g_what = grads[n_phi:n_phi + n_s]
@@ -486,7 +495,7 @@ class MetaQuantModel(keras.Model):
             self.meta_optimizer.apply_gradients(zip(g_phi, phi))
             tracked = kernels + bias_vars
             before = [ops.convert_to_tensor(v) + 0.0 for v in tracked]
-            self.optimizer.apply_gradients(
+            scaling.optimizer.apply_gradients(
                 list(zip(g_kernel, kernels))
                 + list(zip(g_other, [v for _, v in other_pairs]))
             )
@@ -518,6 +527,7 @@ class MetaQuantModel(keras.Model):
                            _global_norm(g_kernel), _global_norm(g_look))
 
     def _paper_step(self, x, y, sample_weight):
+        scaling = LossScaling(self.optimizer)
         lr = ops.cast(self.optimizer.learning_rate, "float32")
         first = ops.equal(self.meta_step, 0)
         active, others, _ = self._partition()
@@ -543,7 +553,7 @@ class MetaQuantModel(keras.Model):
         ]
 
         def step_kernels(g_kernel):
-            self.optimizer.apply_gradients(zip(g_kernel, kernels))
+            scaling.optimizer.apply_gradients(zip(g_kernel, kernels))
 
         # A non-finite meta output never reaches the kernels (m, hence
         # finite_m, is the same on every replica).
@@ -559,9 +569,10 @@ class MetaQuantModel(keras.Model):
         with tf.GradientTape() as tape:
             tape.watch(looks)
             y_pred, loss, records = self._forward_loss(x, y, sample_weight, latents)
+            scaled_loss = scaling.scale(loss)
         w_tildes = [records[id(s.variable)][0] for _, s in self._slots]
         w_hats = [records[id(s.variable)][1] for _, s in self._slots]
-        grads = tape.gradient(loss, w_hats + looks + others)
+        grads = scaling.unscale(tape.gradient(scaled_loss, w_hats + looks + others))
         n_k, n_s = len(kernels), len(self._slots)
         g_what = [ops.zeros_like(s.variable) if g is None else g
                   for g, (_, s) in zip(grads[:n_s], self._slots)]
