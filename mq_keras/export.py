@@ -11,9 +11,12 @@ codes with per-channel scales and keeps float arithmetic (see
 `tflite_weights`); "int8" mode is the converter's full-integer model;
 "float" mode keeps float32 kernels. `verify_tflite` measures how a file
 agrees with its Keras model. `python -m mq_keras.export` converts a saved
-`.keras` file from the shell.
+`.keras` file from the shell; it loads the file in Keras' safe mode (no
+Python bytecode from the file runs) unless given `--unsafe`.
 """
 
+import collections.abc
+import os
 import re
 import tempfile
 import warnings
@@ -25,7 +28,7 @@ import tensorflow as tf
 from mq_keras import tflite_weights
 from mq_keras.layers import MetaQuantWrapper
 from mq_keras.models import MetaQuantModel, iter_layers
-from mq_keras.wrap import _is_graph_model
+from mq_keras.wrap import _copy_layer, _is_graph_model
 
 MODES = ("weights", "int8", "float")
 WEIGHT_DTYPES = ("auto", "int8")
@@ -87,7 +90,7 @@ def strip_model(model):
 
     def clone(layer):
         source = layer.layer if isinstance(layer, MetaQuantWrapper) else layer
-        new = source.__class__.from_config(source.get_config())
+        new = _copy_layer(source)
         pairs.append((layer, new))
         return new
 
@@ -134,7 +137,21 @@ def _convert(graph, *, representative_dataset=None):
         try:
             return converter.convert()
         except Exception as e:  # the converter raises several types
+            cause = _dataset_error(e)
+            if cause is not None:  # the data's fault, not the layers'
+                raise ValueError(str(cause)) from cause.__cause__
             raise ValueError(_conversion_error(graph, str(e))) from e
+
+
+def _dataset_error(error):
+    """The `_RepresentativeDataError` in `error`'s chain, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, _RepresentativeDataError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _conversion_error(graph, text):
@@ -156,29 +173,122 @@ def _conversion_error(graph, text):
     )
 
 
-def _as_representative(dataset):
-    """Accepts a callable generator factory, a tf.data.Dataset or an array."""
-    if callable(dataset):
-        return dataset
+class _RepresentativeDataError(ValueError):
+    """A bad `representative_dataset`, found while the converter reads it."""
+
+
+def _check_example_shape(shape, input_shape, where):
+    """Refuses examples whose shape the model's (single) input cannot take."""
+    if input_shape is None:
+        return
+    want = tuple(input_shape[1:])
+    got = tuple(shape)
+    if len(got) != len(want) or any(
+        w is not None and g != w for g, w in zip(got, want)
+    ):
+        raise _RepresentativeDataError(
+            f"representative_dataset {where} examples of shape {got}, but the "
+            f"model's input takes {want} (input shape {tuple(input_shape)}); "
+            "pass a batch of model inputs, shaped (num_examples,) + "
+            f"{want}."
+        )
+
+
+def _checked_rows(factory):
+    """Wraps a generator factory: errors name `representative_dataset`.
+
+    The converter draws the examples itself and would report a failure as a
+    conversion error, or quietly skip integer quantization for an empty or
+    non-finite dataset (the "int8" model then has float kernels).
+    """
+    def gen():
+        count = 0
+        try:
+            for item in factory():
+                for t in tf.nest.flatten(item):
+                    if not np.all(np.isfinite(np.asarray(t, np.float32))):
+                        raise _RepresentativeDataError(
+                            f"representative_dataset example {count} contains "
+                            "NaN or infinite values; calibration needs finite "
+                            "example inputs (as the model sees in training)."
+                        )
+                count += 1
+                yield item
+        except _RepresentativeDataError:
+            raise
+        except Exception as e:
+            raise _RepresentativeDataError(
+                f"representative_dataset raised {type(e).__name__} while the "
+                f"converter read it: {e}; it must yield lists of model inputs "
+                "of batch size 1 (or pass an array of examples instead)."
+            ) from e
+        if count == 0:
+            raise _RepresentativeDataError(
+                "representative_dataset yielded no example; calibration needs "
+                "some (a few hundred training inputs)."
+            )
+    return gen
+
+
+def _as_representative(dataset, input_shape=None):
+    """Accepts a callable generator factory, a tf.data.Dataset or an array.
+
+    `input_shape`: the model's input shape (batch first), to check examples
+    against, or None (several inputs: not checked).
+    """
+    if isinstance(dataset, (str, bytes, os.PathLike)):
+        raise ValueError(
+            f"representative_dataset={dataset!r} looks like a file path; pass "
+            "the examples themselves, e.g. representative_dataset="
+            "np.load(path)."
+        )
     if isinstance(dataset, tf.data.Dataset):
-        def gen():
+        def rows():
             for batch in dataset:
                 batch = batch[0] if isinstance(batch, (tuple, list)) else batch
-                for row in tf.unstack(tf.convert_to_tensor(batch)[:64]):
+                batch = tf.convert_to_tensor(batch)
+                _check_example_shape(batch.shape[1:], input_shape, "has")
+                for row in tf.unstack(batch[:64]):
                     yield [tf.cast(row[None], tf.float32)]
-        return gen
-    array = np.asarray(dataset, np.float32)
+        return _checked_rows(rows)
+    if callable(dataset):
+        return _checked_rows(dataset)
+    if isinstance(dataset, collections.abc.Iterator):
+        raise ValueError(
+            "representative_dataset is an iterator (a generator object?), "
+            "which the converter could only read once; pass the generator "
+            "function itself (representative_dataset=gen, not gen()), a "
+            "tf.data.Dataset or an array."
+        )
+    try:
+        array = np.asarray(dataset, np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            "representative_dataset must be a non-empty batch of numeric "
+            f"inputs, a tf.data.Dataset or a generator factory; converting "
+            f"{type(dataset).__name__} to float32 failed: {e}"
+        ) from e
     if array.ndim < 2 or len(array) == 0:
         raise ValueError(
             "representative_dataset must be a non-empty batch of inputs "
             f"(got shape {array.shape}), a tf.data.Dataset or a generator "
             "factory."
         )
+    try:
+        _check_example_shape(array.shape[1:], input_shape, "has")
+    except _RepresentativeDataError as e:
+        raise ValueError(str(e)) from None
+    if not np.all(np.isfinite(array[:256])):
+        raise ValueError(
+            "representative_dataset contains NaN or infinite values; "
+            "calibration needs finite example inputs (as the model sees in "
+            "training)."
+        )
 
-    def gen():
+    def rows():
         for row in array[:256]:
             yield [row[None]]
-    return gen
+    return _checked_rows(rows)
 
 
 def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
@@ -243,19 +353,29 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
     if mode != "int8" and representative_dataset is not None:
         raise ValueError(
             f"representative_dataset is only used by mode='int8', not "
-            f"mode={mode!r}."
+            f"mode={mode!r}; drop it, or pass mode='int8' for a full-integer "
+            "model."
         )
     graph = _graph_model(model)
     if any(isinstance(l, MetaQuantWrapper) for l in iter_layers(graph)):
         graph = strip_model(graph)
     elif not graph.built:
-        raise ValueError(f"Model {graph.name!r} is not built.")
+        raise ValueError(
+            f"Model {graph.name!r} is not built; give it an Input (or call "
+            "it on data) before convert_to_tflite."
+        )
+    representative = None
+    if mode == "int8":  # checked before the first (slow) conversion
+        inputs = graph.inputs
+        representative = _as_representative(
+            representative_dataset,
+            tuple(inputs[0].shape) if len(inputs) == 1 else None,
+        )
     flat = _convert(graph)
     if mode == "float":
         return flat
     if mode == "int8":
-        full = _convert(graph, representative_dataset=_as_representative(
-            representative_dataset))
+        full = _convert(graph, representative_dataset=representative)
         return tflite_weights.regrid_int8_filters(full, flat)[0]
     packed, _ = tflite_weights.store_kernels_as_codes(
         flat, allow_int4=weight_dtype == "auto")
@@ -264,6 +384,7 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
 
 def make_interpreter(tflite_bytes, *, num_threads=1):
     """A LiteRT interpreter (ai-edge-litert when installed, else tf.lite)."""
+    tflite_bytes = tflite_weights.check_flatbuffer(tflite_bytes, "tflite_bytes")
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:  # the phone runtime's Python build is optional
@@ -313,9 +434,13 @@ def verify_tflite(model, tflite_bytes, x, y=None, *, batch_size=256):
         (when `y` is given), `tflite_bytes`, `ops` and `flex_ops` (any op
         that is not a TFLite builtin).
     """
+    tflite_bytes = tflite_weights.check_flatbuffer(tflite_bytes, "tflite_bytes")
     x = np.asarray(x, np.float32)
-    if len(x) == 0:
-        raise ValueError("verify_tflite needs at least one input example.")
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError(
+            f"verify_tflite needs at least one input example; got x of shape "
+            f"{x.shape}, pass a batch of model inputs (num_examples, ...)."
+        )
     ref = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
     got = run_tflite(tflite_bytes, x, batch_size=batch_size)
     if got.shape != ref.shape:
@@ -339,6 +464,17 @@ def verify_tflite(model, tflite_bytes, x, y=None, *, batch_size=256):
     return report
 
 
+def _load_model(path, *, safe_mode=True):
+    """Loads a `.keras` file, in Keras' safe mode unless told otherwise.
+
+    Safe mode refuses files whose config holds Python bytecode (a `Lambda`
+    layer's lambda), which would run on load. A MetaQuantModel loads in safe
+    mode (every mq_keras class is registered with Keras) unless the model
+    itself holds such a layer.
+    """
+    return keras.saving.load_model(path, safe_mode=safe_mode)
+
+
 def _main(argv=None):
     import argparse
 
@@ -354,15 +490,46 @@ def _main(argv=None):
         "--representative_data",
         help='mode "int8": a .npy file of example inputs for calibration',
     )
+    parser.add_argument(
+        "--unsafe", action="store_true",
+        help="load the .keras file with safe_mode=False, which lets it hold "
+             "Lambda layers whose Python bytecode runs when the model loads "
+             "or runs: a crafted file can then execute arbitrary code. Use "
+             "it only for files you made or trust. By default the file is "
+             "loaded in safe mode, which refuses such layers; a MetaQuant "
+             "model needs --unsafe only if it contains one.",
+    )
     args = parser.parse_args(argv)
     if not args.model.endswith(".keras"):
-        parser.error(f"{args.model!r} is not a .keras file")
-    model = keras.saving.load_model(args.model)
+        parser.error(
+            f"{args.model!r} is not a .keras file; save the model with "
+            "model.save('name.keras') (the Keras 3 format) and pass that path"
+        )
+    if not os.path.isfile(args.model):
+        parser.error(f"{args.model!r} does not exist or is not a file; pass "
+                     "the path of a saved .keras model")
+    if args.mode == "int8" and not args.representative_data:
+        parser.error('--mode int8 needs --representative_data FILE.npy')
+    if args.representative_data and args.mode != "int8":
+        parser.error(
+            f"--representative_data is only used by --mode int8, not --mode "
+            f"{args.mode}; drop it or add --mode int8"
+        )
+    if args.representative_data and not os.path.isfile(args.representative_data):
+        parser.error(f"--representative_data {args.representative_data!r} "
+                     "does not exist; pass a .npy file of example inputs")
+    try:
+        model = _load_model(args.model, safe_mode=not args.unsafe)
+    except ValueError as e:
+        if args.unsafe or "safe_mode" not in str(e):
+            raise
+        raise ValueError(
+            f"{e}\nmq_keras.export loads {args.model!r} in safe mode; if you "
+            "made or trust this file, rerun with --unsafe."
+        ) from e
     data = None
     if args.representative_data:
         data = np.load(args.representative_data, allow_pickle=False)
-    elif args.mode == "int8":
-        parser.error('--mode int8 needs --representative_data FILE.npy')
     blob = convert_to_tflite(model, mode=args.mode, representative_dataset=data,
                              weight_dtype=args.weight_dtype)
     with open(args.output, "wb") as f:

@@ -16,6 +16,9 @@ wrapper knows them per layer type). Per-channel statistics reduce over every
 other axis; per-tensor ones reduce over all axes.
 """
 
+import inspect
+import numbers
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -32,16 +35,36 @@ def _reduce_axes(rank, channel_axes):
 
 
 def _check_bits(name, num_bits, allowed):
-    if isinstance(num_bits, bool) or not isinstance(num_bits, int):
+    # numbers.Integral takes NumPy integers (a bit width from np.arange);
+    # bool is an int subclass but never a bit width.
+    if isinstance(num_bits, bool) or not isinstance(num_bits, numbers.Integral):
+        example = max(allowed)
+        try:  # "4" or 4.0: suggest the int it spells
+            if int(num_bits) == float(num_bits) and int(num_bits) in allowed:
+                example = int(num_bits)
+        except (TypeError, ValueError, OverflowError):
+            pass
         raise ValueError(
             f"{name}: num_bits must be an int in {sorted(allowed)}, "
-            f"got {num_bits!r}."
+            f"got {num_bits!r} ({type(num_bits).__name__}); pass e.g. "
+            f"num_bits={example}."
         )
     if num_bits not in allowed:
         raise ValueError(
             f"{name}: num_bits={num_bits} is not supported; allowed values "
             f"are {sorted(allowed)}."
         )
+    return int(num_bits)
+
+
+def _check_flag(name, option, value):
+    # bool("no") is True: a string or a number would silently pick a mode.
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"{name}: {option} must be True or False, got {value!r} "
+            f"({type(value).__name__})."
+        )
+    return bool(value)
 
 
 def _ste(forward, gate=None, slope=1.0):
@@ -82,8 +105,7 @@ class Quantizer:
     allowed_bits = ()
 
     def __init__(self, *, num_bits):
-        _check_bits(type(self).__name__, num_bits, self.allowed_bits)
-        self.num_bits = num_bits
+        self.num_bits = _check_bits(type(self).__name__, num_bits, self.allowed_bits)
 
     def __call__(self, w, channel_axes=(-1,)):
         """Returns `Q(A(w))` with the STE backward."""
@@ -212,7 +234,9 @@ class BWN(Quantizer):
 
     def __init__(self, *, num_bits=1, per_channel=False):
         super().__init__(num_bits=num_bits)
-        self.per_channel = bool(per_channel)
+        self.per_channel = _check_flag(
+            type(self).__name__, "per_channel", per_channel
+        )
 
     def pre_quantize(self, w, channel_axes=(-1,)):
         return w
@@ -266,7 +290,9 @@ class Ternary(Quantizer):
 
     def __init__(self, *, num_bits=2, per_channel=False):
         super().__init__(num_bits=num_bits)
-        self.per_channel = bool(per_channel)
+        self.per_channel = _check_flag(
+            type(self).__name__, "per_channel", per_channel
+        )
 
     def pre_quantize(self, w, channel_axes=(-1,)):
         return w
@@ -319,7 +345,9 @@ class Uniform(Quantizer):
 
     def __init__(self, *, num_bits, per_channel=True):
         super().__init__(num_bits=num_bits)
-        self.per_channel = bool(per_channel)
+        self.per_channel = _check_flag(
+            type(self).__name__, "per_channel", per_channel
+        )
 
     def pre_quantize(self, w, channel_axes=(-1,)):
         return w
@@ -364,6 +392,34 @@ def _num_channels(shape, channel_axes):
 _REGISTRY = {cls.name: cls for cls in (DoReFa, BWN, Ternary, Uniform)}
 
 
+def _options_of(cls):
+    """Keyword options of a quantizer class besides `num_bits`."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return sorted(
+        p.name for p in params
+        if p.name not in ("self", "num_bits")
+        and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )
+
+
+def _check_instance_args(quantizer, num_bits, options):
+    """An instance carries its own settings: refuse others instead of ignoring them."""
+    if options:
+        raise ValueError(
+            f"Quantizer options {sorted(options)} only apply to a quantizer "
+            f"given by name, not to the instance {quantizer!r}; set them on "
+            f"the instance instead, e.g. {type(quantizer).__name__}("
+            f"{', '.join(f'{k}={v!r}' for k, v in sorted(options.items()))})."
+        )
+    if num_bits is not None and num_bits != quantizer.num_bits:
+        raise ValueError(
+            f"num_bits={num_bits!r} conflicts with the quantizer instance "
+            f"{quantizer!r}; drop num_bits, or pass "
+            f"{type(quantizer).__name__}(num_bits={num_bits!r}) itself."
+        )
+    return quantizer
+
+
 def get(identifier, *, num_bits=None, **options):
     """Returns a quantizer from a name, a config dict or an instance.
 
@@ -372,19 +428,31 @@ def get(identifier, *, num_bits=None, **options):
             instance (returned as is), or a serialized quantizer dict.
         num_bits: bit width, for a string identifier. `None` takes the
             quantizer's own default where it has one (bwn: 1, ternary: 2).
-        **options: extra keyword options of the quantizer (`per_channel`).
+            With an instance or a dict it may only repeat their bit width.
+        **options: extra keyword options of the quantizer (`per_channel`),
+            for a string identifier only.
 
     Raises:
-        ValueError: unknown name, or a bit width the quantizer does not take.
+        ValueError: unknown name, an option the quantizer does not take, a bit
+            width the quantizer does not take, or `num_bits` / options that
+            contradict a quantizer instance.
     """
     if isinstance(identifier, Quantizer):
-        return identifier
+        return _check_instance_args(identifier, num_bits, options)
     if isinstance(identifier, dict):
-        return keras.saving.deserialize_keras_object(identifier)
+        quantizer = keras.saving.deserialize_keras_object(identifier)
+        if not isinstance(quantizer, Quantizer):
+            raise ValueError(
+                f"kernel_quantizer config {identifier!r} describes a "
+                f"{type(quantizer).__name__}, not a Quantizer; pass a "
+                "serialized quantizer (mq_keras.quantizers.serialize(q))."
+            )
+        return _check_instance_args(quantizer, num_bits, options)
     if not isinstance(identifier, str):
         raise ValueError(
             f"kernel_quantizer must be a string, a dict or a Quantizer, got "
-            f"{identifier!r}."
+            f"{identifier!r}; pass one of {sorted(_REGISTRY)} or an instance "
+            f"such as mq_keras.DoReFa(num_bits=2)."
         )
     key = identifier.lower()
     if key not in _REGISTRY:
@@ -393,6 +461,15 @@ def get(identifier, *, num_bits=None, **options):
             f"{sorted(_REGISTRY)}."
         )
     cls = _REGISTRY[key]
+    allowed = _options_of(cls)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        takes = (f"its options are {allowed}" if allowed
+                 else "it takes no option besides num_bits")
+        raise ValueError(
+            f"Bad option for quantizer {identifier!r}: unknown option(s) "
+            f"{unknown}; {takes}."
+        )
     kwargs = dict(options)
     if num_bits is not None:
         kwargs["num_bits"] = num_bits
@@ -400,10 +477,7 @@ def get(identifier, *, num_bits=None, **options):
         kwargs["num_bits"] = 1
     elif cls is Uniform:
         kwargs["num_bits"] = 8
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"Bad option for quantizer {identifier!r}: {e}") from e
+    return cls(**kwargs)
 
 
 def serialize(quantizer):

@@ -2,6 +2,8 @@
 
 import math
 
+import keras
+
 from mq_keras.layers import MetaQuantWrapper
 from mq_keras.models import MetaQuantModel, iter_layers
 
@@ -28,8 +30,17 @@ def summary(model, *, print_fn=print):
         `compression` (float32 bytes / bytes).
     """
     inner = model.quantized_model if isinstance(model, MetaQuantModel) else model
-    if not getattr(inner, "built", False):
-        raise ValueError(f"Model {inner.name!r} is not built.")
+    if not isinstance(inner, keras.Model):
+        raise ValueError(
+            f"summary expects a MetaQuantModel (from mq_keras.quantize_model) "
+            f"or a keras.Model containing MetaQuantWrapper layers, got "
+            f"{type(model).__name__}."
+        )
+    if not inner.built:
+        raise ValueError(
+            f"Model {inner.name!r} is not built; give it an Input (or call it "
+            "on data) before summary."
+        )
     rows = []
     for layer in iter_layers(inner):
         if hasattr(layer, "layers") and not isinstance(layer, MetaQuantWrapper):

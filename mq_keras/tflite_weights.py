@@ -44,6 +44,38 @@ _INT_TOL = 1e-3  # |v * M / a - round(.)|: wrong M gives >= 1/255; rounding ~1e-
 _MATCH_RTOL = 1e-6
 
 
+_FILE_IDENTIFIER = b"TFL3"  # bytes 4..8 of every TFLite flatbuffer
+
+
+def check_flatbuffer(data, name="flatbuffer"):
+    """Returns `data` as bytes, or raises a clear error if it is no TFLite model.
+
+    Raises:
+        TypeError: `data` is not bytes-like (a path, a string, None).
+        ValueError: `data` lacks TFLite's file identifier.
+    """
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise TypeError(
+            f"{name} must be the bytes of a TFLite model (what "
+            "convert_to_tflite returns, or open(path, 'rb').read()), got "
+            f"{type(data).__name__} {data!r:.60}."
+        )
+    if len(data) < 8 or data[4:8] != _FILE_IDENTIFIER:
+        raise ValueError(
+            f"{name} is not a TFLite model ({len(data)} bytes without the "
+            f"{_FILE_IDENTIFIER.decode()!r} file identifier); pass the bytes "
+            "that convert_to_tflite returns or a .tflite file's contents."
+        )
+    return data
+
+
+def _read_model(flatbuffer, name="flatbuffer"):
+    data = check_flatbuffer(flatbuffer, name)
+    return flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+
+
 def _op_code(model, op):
     code = model.operatorCodes[op.opcodeIndex]
     return max(code.builtinCode, code.deprecatedBuiltinCode)
@@ -119,7 +151,7 @@ def _unpack_int4(data, count):
 
 def op_names(flatbuffer):
     """Names of the operators of every subgraph, in execution order."""
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    model = _read_model(flatbuffer)
     names = {v: k for k, v in vars(schema.BuiltinOperator).items()
              if not k.startswith("_")}
     out = []
@@ -147,7 +179,7 @@ def store_kernels_as_codes(flatbuffer, *, allow_int4=True):
         `name`, `op`, `shape`, `dtype` ("int4", "int8", or "float32..." when left
         float), `max_code` (largest |code|, None when on no grid), `channels`.
     """
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    model = _read_model(flatbuffer)
     op_names = {v: k for k, v in vars(schema.BuiltinOperator).items()
                 if not k.startswith("_")}
     report = []
@@ -218,7 +250,7 @@ def filter_values(flatbuffer):
 
     Reads the file as a phone would: integer codes and per-channel scales.
     """
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    model = _read_model(flatbuffer)
     out = {}
     for sg in model.subgraphs:
         for t in sg.tensors:
@@ -266,13 +298,13 @@ def regrid_int8_filters(int8_flatbuffer, float_flatbuffer):
         `(new_int8_flatbuffer, number of filters put on their grid)`.
     """
     exact = {}
-    fmodel = flatbuffer_utils.read_model_from_bytearray(bytearray(float_flatbuffer))
+    fmodel = _read_model(float_flatbuffer, "float_flatbuffer")
     for sg, _, t_index, axis in _filter_tensors(fmodel):
         t = sg.tensors[t_index]
         buf = fmodel.buffers[t.buffer]
         if t.type == schema.TensorType.FLOAT32 and buf.data is not None:
             exact[_name(t)] = np.frombuffer(bytes(buf.data), np.float32).reshape(t.shape)
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(int8_flatbuffer))
+    model = _read_model(int8_flatbuffer, "int8_flatbuffer")
     changed = 0
     seen = set()
     for sg, op, t_index, axis in _filter_tensors(model):

@@ -1,11 +1,13 @@
 """`quantize_model`: one call from a float Keras model to a `MetaQuantModel`."""
 
+import collections.abc
+import inspect
 import warnings
 
 import keras
 
 from mq_keras import meta_networks, quantizers
-from mq_keras.layers import MetaQuantWrapper, is_supported
+from mq_keras.layers import SUPPORTED_LAYERS, MetaQuantWrapper, is_supported
 from mq_keras.models import ESTIMATORS, SEMANTICS, MetaQuantModel, iter_layers
 
 
@@ -17,6 +19,24 @@ def _is_graph_model(model):
     )
 
 
+def _copy_layer(layer):
+    """A fresh, unbuilt layer with `layer`'s configuration (weights not copied)."""
+    if isinstance(layer, keras.layers.Lambda):
+        # Lambda.get_config() stores a Python lambda as marshalled bytecode,
+        # which from_config refuses in safe mode (rightly, for files). This
+        # layer is a live object of the caller's: hand its callables to the
+        # new layer directly instead of round-tripping through bytecode.
+        config = layer.get_config()
+        config["function"] = layer.function
+        config["arguments"] = layer.arguments
+        config["mask"] = layer.mask
+        config["output_shape"] = getattr(
+            layer, "_output_shape", config.get("output_shape")
+        )
+        return keras.layers.Lambda(**config)
+    return layer.__class__.from_config(layer.get_config())
+
+
 def _layer_filter(filters, model):
     if filters is None:
         return lambda layer: True
@@ -24,15 +44,83 @@ def _layer_filter(filters, model):
         return filters
     if isinstance(filters, str):
         filters = [filters]
+    if not isinstance(filters, collections.abc.Iterable):
+        raise ValueError(
+            f"filters must be None, a callable `layer -> bool`, a layer name "
+            f"or a collection of layer names, got {filters!r}."
+        )
     names = set(filters)
     known = {layer.name for layer in iter_layers(model)}
-    unknown = sorted(names - known)
+    unknown = sorted(names - known, key=repr)
     if unknown:
         raise ValueError(
             f"filters names layers that are not in model {model.name!r}: "
             f"{unknown}. Known layers: {sorted(known)}."
         )
     return lambda layer: layer.name in names
+
+
+def _as_options(arg, value, example):
+    if value is None:
+        return {}
+    if not isinstance(value, collections.abc.Mapping):
+        raise ValueError(
+            f"{arg} must be a dict of keyword options, e.g. {example}, got "
+            f"{value!r}."
+        )
+    return dict(value)
+
+
+def _meta_class_options(cls):
+    """Keyword options of a MetaNetwork class and of keras.layers.Layer."""
+    own, layer = set(), set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        names = {
+            p.name for p in inspect.signature(init).parameters.values()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.name != "self"
+        }
+        if klass is keras.layers.Layer:
+            layer |= names
+            break
+        own |= names
+    return sorted(own), sorted(layer)
+
+
+def _check_meta_options(meta_network, estimator, options):
+    """Refuses meta network options that would be ignored or are unknown."""
+    if not options:
+        return
+    if estimator == "ste":
+        raise ValueError(
+            f"meta_network_options={options!r} has no effect with "
+            "estimator='ste', which trains without a meta network; drop "
+            "meta_network_options or use estimator='metaquant'."
+        )
+    if not isinstance(meta_network, str):
+        cls = (type(meta_network).__name__
+               if isinstance(meta_network, meta_networks.MetaNetwork)
+               else "MultiFC")
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+        raise ValueError(
+            f"meta_network_options={options!r} only apply to a meta network "
+            f"given by name, not to {meta_network!r}; set them on the "
+            f"instance instead, e.g. mq_keras.{cls}({kwargs})."
+        )
+    cls = getattr(meta_networks, "_REGISTRY", {}).get(meta_network.lower())
+    if cls is None:
+        return  # meta_networks.get names the allowed networks
+    own, layer = _meta_class_options(cls)
+    unknown = sorted(set(options) - set(own) - set(layer))
+    if unknown:
+        raise ValueError(
+            f"Unknown meta_network_options {unknown} for meta_network="
+            f"{meta_network!r}; {cls.__name__} takes {own} (and "
+            f"keras.layers.Layer options such as name and dtype)."
+        )
 
 
 def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
@@ -72,17 +160,25 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
 
     Raises:
         ValueError: subclassed or unbuilt model, a model that is already
-            quantized, unknown names, bad bit widths, unknown filter names, or
-            no layer to quantize.
+            quantized, unknown names, bad bit widths, unknown filter names,
+            unknown or ignored options (`meta_network_options` with
+            estimator="ste" or with an instance, `reset_meta_state` without
+            a recurrent meta network), or no layer to quantize.
     """
     if isinstance(model, MetaQuantModel):
         raise ValueError(
             f"Model {model.name!r} is already a MetaQuantModel; quantize the "
-            "float model once."
+            "float model once: pass the original float model (quantize_model "
+            "never modifies it)."
         )
     if not isinstance(model, keras.Model):
         raise ValueError(
-            f"quantize_model expects a keras.Model, got {type(model).__name__}."
+            f"quantize_model expects a built Functional or Sequential "
+            f"keras.Model, got {type(model).__name__}; wrap a single layer "
+            "with mq_keras.MetaQuantWrapper instead."
+            if isinstance(model, keras.layers.Layer) else
+            f"quantize_model expects a built Functional or Sequential "
+            f"keras.Model, got {type(model).__name__}."
         )
     if not _is_graph_model(model):
         raise ValueError(
@@ -111,12 +207,33 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
         raise ValueError(
             f"Unknown semantics {semantics!r}; allowed values are {SEMANTICS}."
         )
+    quantizer_options = _as_options(
+        "quantizer_options", quantizer_options, "{'per_channel': True}"
+    )
+    if "num_bits" in quantizer_options:
+        raise ValueError(
+            "quantizer_options must not contain 'num_bits'; pass "
+            f"num_bits={quantizer_options['num_bits']!r} to quantize_model "
+            "itself."
+        )
+    meta_network_options = _as_options(
+        "meta_network_options", meta_network_options, "{'hidden_size': 50}"
+    )
+    _check_meta_options(meta_network, estimator, meta_network_options)
     quantizer = quantizers.get(
-        kernel_quantizer, num_bits=num_bits, **(quantizer_options or {})
+        kernel_quantizer, num_bits=num_bits, **quantizer_options
     )
     meta = None
     if estimator == "metaquant":
-        meta = meta_networks.get(meta_network, **(meta_network_options or {}))
+        meta = meta_networks.get(meta_network, **meta_network_options)
+    if reset_meta_state and (meta is None or not meta.state_size):
+        what = ("estimator='ste' has no meta network" if meta is None
+                else f"meta_network={type(meta).__name__} has no recurrent state")
+        raise ValueError(
+            f"reset_meta_state=True only applies to a recurrent meta network "
+            f"(meta_network='lstmfc'), but {what}; drop reset_meta_state or "
+            "use meta_network='lstmfc'."
+        )
     if (isinstance(meta, meta_networks.MultiFC)
             and not isinstance(quantizer, quantizers.DoReFa)):
         # MultiFC's m = g * f(W_tilde) was designed for DoReFa's W_tilde in
@@ -136,7 +253,7 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
     pairs = []
 
     def clone(layer):
-        new = layer.__class__.from_config(layer.get_config())
+        new = _copy_layer(layer)
         if is_supported(layer) and selected(layer):
             new = MetaQuantWrapper(new, kernel_quantizer=quantizer)
         pairs.append((layer, new))
@@ -154,7 +271,10 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
     if not any(isinstance(new, MetaQuantWrapper) for _, new in pairs):
         raise ValueError(
             f"No layer of model {model.name!r} was quantized: it has no "
-            "Dense/convolution layer, or `filters` excluded them all."
+            "Dense/convolution layer, or `filters` excluded them all. "
+            "quantize_model needs at least one layer of a supported type "
+            f"({', '.join(sorted(c.__name__ for c in SUPPORTED_LAYERS))}) "
+            "that `filters` selects (filters=None selects every one)."
         )
     if verbose and left_float:
         print(f"mq_keras: left float (not quantized): {', '.join(left_float)}")
