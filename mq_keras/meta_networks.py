@@ -44,6 +44,9 @@ class MetaNetwork(keras.layers.Layer):
 
     #: Floats of recurrent state per weight element (0: stateless).
     state_size = 0
+    #: Whether each row's output depends on that row alone (so the network
+    #: can be applied in chunks of rows; see `mq_keras.meta_apply`).
+    rowwise = True
 
     def __init__(self, *, hidden_size=100, seed=None, **kwargs):
         # The meta step runs in float32 whatever the global policy: its
@@ -288,6 +291,7 @@ class GainMLP(MetaNetwork):
     """
 
     name_key = "gain_mlp"
+    rowwise = False  # normalises over whole kernels
 
     def __init__(self, *, hidden_size=32, max_gain=4.0, **kwargs):
         super().__init__(hidden_size=hidden_size, **kwargs)

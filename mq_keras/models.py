@@ -42,6 +42,7 @@ from keras import ops
 
 from mq_keras import distribute, meta_networks
 from mq_keras.loss_scaling import LossScaling
+from mq_keras.meta_apply import MetaApplication
 from mq_keras.layers import MetaQuantWrapper, training_context
 
 _PACKAGE = "mq_keras"
@@ -90,10 +91,15 @@ class MetaQuantModel(keras.Model):
         reset_meta_state: for recurrent meta networks (LSTMFC), start every
             step from a zero state (the paper-era code) instead of carrying
             (h, c) across steps (the code at HEAD).
+        meta_chunk_size: apply the meta network to this many weights at a
+            time (`mq_keras.meta_apply`): the meta step's extra memory drops
+            from ~12 * N * hidden floats to O(meta_chunk_size * hidden), for
+            ~3x the meta network's compute. None (default): all at once.
     """
 
     def __init__(self, model, meta_network="multifc", *, estimator="metaquant",
-                 semantics="code", reset_meta_state=False, **kwargs):
+                 semantics="code", reset_meta_state=False, meta_chunk_size=None,
+                 **kwargs):
         kwargs.setdefault("name", f"metaquant_{model.name}")
         super().__init__(**kwargs)
         if estimator not in ESTIMATORS:
@@ -113,6 +119,14 @@ class MetaQuantModel(keras.Model):
         self.estimator = estimator
         self.semantics = semantics
         self.reset_meta_state = bool(reset_meta_state)
+        if meta_chunk_size is not None and (
+                isinstance(meta_chunk_size, bool) or not isinstance(meta_chunk_size, int)
+                or meta_chunk_size < 1):
+            raise ValueError(
+                f"meta_chunk_size must be a positive int or None, got "
+                f"{meta_chunk_size!r}; e.g. meta_chunk_size=262144."
+            )
+        self.meta_chunk_size = meta_chunk_size
         self.wrappers = wrappers_of(model)
         if not self.wrappers:
             raise ValueError(
@@ -141,6 +155,13 @@ class MetaQuantModel(keras.Model):
             self.meta_network = meta_networks.get(meta_network)
             if not self.meta_network.built:
                 self.meta_network.build()
+            if meta_chunk_size is not None and not self.meta_network.rowwise:
+                raise ValueError(
+                    f"meta_chunk_size needs a meta network that treats each "
+                    f"weight alone; {type(self.meta_network).__name__} "
+                    "normalises over whole kernels. Use meta_chunk_size=None, "
+                    "or fc_grad / multifc / lstmfc."
+                )
             size = self.meta_network.state_size
             if size:
                 self.meta_state = [
@@ -223,6 +244,7 @@ class MetaQuantModel(keras.Model):
             "estimator": self.estimator,
             "semantics": self.semantics,
             "reset_meta_state": self.reset_meta_state,
+            "meta_chunk_size": self.meta_chunk_size,
         }
 
     @classmethod
@@ -239,33 +261,41 @@ class MetaQuantModel(keras.Model):
         return cls(model, meta, **config)
 
     # ------------------------------------------------------------- meta step
-    def _meta_forward(self, grads=None, w_tildes=None, state=None):
-        """Applies the meta network to all kernels at once.
+    def _flat(self, tensors):
+        return ops.concatenate([ops.reshape(t, (-1, 1)) for t in tensors], axis=0)
 
-        Returns `(list of m shaped like each kernel, new_state)`.
+    def _split(self, flat):
+        """(N, 1) over all kernels -> one tensor shaped like each kernel."""
+        parts = tf.split(flat, self._sizes, axis=0)
+        return [ops.reshape(p, s.variable.shape) for p, (_, s) in zip(parts, self._slots)]
+
+    @property
+    def _carries_state(self):
+        return bool(self.meta_state) and not self.reset_meta_state
+
+    def _meta_application(self, grads=None, w_tildes=None, fresh=False):
+        """The meta network applied to all kernels (`mq_keras.meta_apply`).
+
+        Defaults to the stored (dL/dW_hat, W_tilde) of the last step and the
+        carried state; `fresh=True` uses the zero state.
         """
         if grads is None:
             grads = [s.prev_grad for _, s in self._slots]
             w_tildes = [s.prev_w_tilde for _, s in self._slots]
-        g = ops.concatenate([ops.reshape(t, (-1, 1)) for t in grads], axis=0)
-        wt = ops.concatenate([ops.reshape(t, (-1, 1)) for t in w_tildes], axis=0)
-        if state is None:
-            state = self._current_meta_state()
-        m, new_state = self.meta_network.call(
-            g, wt, state,
+        state = self.meta_state if (self._carries_state and not fresh) else ()
+        return MetaApplication(
+            self.meta_network, self._flat(grads), self._flat(w_tildes), state,
+            chunk_size=self.meta_chunk_size,
             segment_ids=ops.convert_to_tensor(self._segment_ids),
             num_segments=len(self._sizes),
         )
-        parts = tf.split(m, self._sizes, axis=0)
-        shaped = [ops.reshape(p, s.variable.shape) for p, (_, s) in zip(parts, self._slots)]
-        return shaped, new_state
 
-    def _current_meta_state(self):
-        if not self.meta_state:
-            return ()
-        if self.reset_meta_state:
-            return ()  # the zero state
-        return tuple(ops.convert_to_tensor(v) for v in self.meta_state)
+    def _cotangent(self, active, per_kernel):
+        """(N, 1) cotangent of m: `per_kernel[j]` for active slot j, else 0."""
+        full = [ops.zeros_like(s.variable) for _, s in self._slots]
+        for i, c in zip(active, per_kernel):
+            full[i] = c
+        return self._flat(full)
 
     def _partition(self):
         """Splits what this step trains: active kernel slots, others, biases.
@@ -432,10 +462,10 @@ class MetaQuantModel(keras.Model):
         kernels = [s.variable for _, s in slots]
         phi = self.meta_network.trainable_variables
         saved = self._forward_state()
+        app = self._meta_application()
+        ms = [self._split(app.m)[i] for i in active]
 
         with tf.GradientTape() as tape:
-            ms_all, new_state = self._meta_forward()
-            ms = [ms_all[i] for i in active]
             latents, looks, calibs = {}, [], []
             for (w, s), m in zip(slots, ms):
                 W = ops.convert_to_tensor(s.variable)
@@ -455,20 +485,19 @@ class MetaQuantModel(keras.Model):
 
         w_tildes = [records[id(s.variable)][0] for _, s in self._slots]
         w_hats = [records[id(s.variable)][1] for _, s in self._slots]
-        grads = scaling.unscale(
-            tape.gradient(scaled_loss, list(phi) + w_hats + looks + others)
-        )
-        n_phi, n_k, n_s = len(phi), len(kernels), len(self._slots)
-        g_phi = grads[:n_phi]
-        g_what = grads[n_phi:n_phi + n_s]
-        g_look = grads[n_phi + n_s:n_phi + n_s + n_k]
-        g_other = grads[n_phi + n_s + n_k:]
+        grads = scaling.unscale(tape.gradient(scaled_loss, w_hats + looks + others))
+        n_k, n_s = len(kernels), len(self._slots)
         g_what = [ops.zeros_like(s.variable) if g is None else g
-                  for g, (_, s) in zip(g_what, self._slots)]
-        g_look = [ops.zeros_like(v) if g is None else g for g, v in zip(g_look, kernels)]
-        g_phi = [ops.zeros_like(v) if g is None else g for g, v in zip(g_phi, phi)]
+                  for g, (_, s) in zip(grads[:n_s], self._slots)]
+        g_look = [ops.zeros_like(v) if g is None else g
+                  for g, v in zip(grads[n_s:n_s + n_k], kernels)]
+        g_other = grads[n_s + n_k:]
         g_what = distribute.all_reduce_sum(g_what)
         g_look = distribute.all_reduce_sum(g_look)
+        # dL/dphi through V = W - lr * calib * m: dL/dm = -lr * calib * dL/dV.
+        # Built from all-reduced dL/dV, so the same on every replica.
+        g_phi = app.vjp(self._cotangent(
+            active, [-lr * c * g for c, g in zip(calibs, g_look)]))
         reg = self._regularization_grads(kernels)
         g_kernel = [
             c * ops.stop_gradient(m) + (0.0 if r is None else r)
@@ -492,6 +521,10 @@ class MetaQuantModel(keras.Model):
                 w.bias_prev_update.assign(g)
 
         def update(g_phi, g_kernel, g_other, new_state):
+            # The state first: chunked, it is recomputed, and must see the
+            # phi that produced this step's m.
+            if self._carries_state:
+                app.write_state(self.meta_state, new_state)
             self.meta_optimizer.apply_gradients(zip(g_phi, phi))
             tracked = kernels + bias_vars
             before = [ops.convert_to_tensor(v) + 0.0 for v in tracked]
@@ -505,13 +538,10 @@ class MetaQuantModel(keras.Model):
                 s.prev_update.assign(r)
             for w, r in zip(bias_wrappers, updates[n_k:]):
                 w.bias_prev_update.assign(r)
-            if self.meta_state and not self.reset_meta_state:
-                for var, value in zip(self.meta_state, new_state):
-                    var.assign(value)
 
         finite = distribute.all_replicas(self._all_finite(
             [loss] + g_phi + g_kernel + list(g_other) + g_what + g_look
-            + list(new_state)
+            + app.state_checks()
         ))
         # Three guarded pieces rather than nested conds: a cond whose branch
         # synchronises replicas must be entered from cross-replica context.
@@ -519,8 +549,8 @@ class MetaQuantModel(keras.Model):
                         distribute.noop, args=(g_look, g_bias))
         distribute.cond(
             ops.logical_and(finite, ops.logical_not(first)), update, distribute.noop,
-            args=(g_phi, distribute.for_optimizer(g_kernel),
-                  [g for g, _ in other_pairs], tuple(new_state)),
+            args=(distribute.for_optimizer(g_phi), distribute.for_optimizer(g_kernel),
+                  [g for g, _ in other_pairs], app.new_state or ()),
         )
         self._guarded(finite, self._record_state, (g_what, w_tildes), saved)
         return self._track(x, y, y_pred, sample_weight, loss, finite,
@@ -537,16 +567,13 @@ class MetaQuantModel(keras.Model):
         reg = self._regularization_grads(kernels)
         saved = self._forward_state()
 
-        with tf.GradientTape(persistent=True) as meta_tape:
-            ms_all, new_state = self._meta_forward()
-            ms = [ms_all[i] for i in active]
-            calibs = [
-                w.kernel_quantizer.calibration(ops.convert_to_tensor(s.variable),
-                                               s.channel_axes)
-                for w, s in slots
-            ]
-            # lr * calib * m: the part of this step's update that phi moves.
-            steps = [lr * (c * m) for c, m in zip(calibs, ms)]
+        app = self._meta_application()
+        ms = [self._split(app.m)[i] for i in active]
+        calibs = [
+            w.kernel_quantizer.calibration(ops.convert_to_tensor(s.variable),
+                                           s.channel_axes)
+            for w, s in slots
+        ]
         g_kernel = [
             c * ops.stop_gradient(m) + (0.0 if r is None else r)
             for c, m, r in zip(calibs, ms, reg)
@@ -561,8 +588,8 @@ class MetaQuantModel(keras.Model):
         distribute.cond(ops.logical_and(finite_m, ops.logical_not(first)),
                         step_kernels, distribute.noop,
                         args=(distribute.for_optimizer(g_kernel),))
-        # The look-ahead is the kernel after the real update, V = W - d with
-        # dV/dphi = -d(steps)/dphi (used for g_phi below).
+        # The look-ahead is the kernel after the real update,
+        # V = W - lr * calib * m, so dV/dm = -lr * calib (used for g_phi below).
         looks = [ops.convert_to_tensor(v) + 0.0 for v in kernels]
 
         latents = {id(v): V for v, V in zip(kernels, looks)}
@@ -584,38 +611,37 @@ class MetaQuantModel(keras.Model):
 
         # Eq. 8: the meta network's output at this step's (dL/dW_hat, W_tilde)
         # stands in for the STE as dL/dW_tilde when differentiating w.r.t. phi.
-        state_after = new_state if (self.meta_state and not self.reset_meta_state) \
-            else self._current_meta_state()
-        m_now, _ = self._meta_forward(g_what, w_tildes, state_after)
-        cotangents = [
-            -ops.stop_gradient(
-                w.kernel_quantizer.calibration(V, s.channel_axes) * m_now[i]
-            )
-            for i, (w, s), V in zip(active, slots, looks)
-        ]
-        g_phi = meta_tape.gradient(steps, phi, output_gradients=cotangents)
-        del meta_tape
+        # (At the state this step leaves, or the zero state when it is reset.)
+        if self._carries_state:
+            m_now = app.then_apply(self._flat(g_what), self._flat(w_tildes))
+        else:
+            m_now = self._meta_application(g_what, w_tildes, fresh=True).m
+        m_now = self._split(m_now)
+        # dL/dV := calib(V) * m_now, and dV/dm = -lr * calib(W).
+        cotangent = self._cotangent(active, [
+            -lr * c * w.kernel_quantizer.calibration(V, s.channel_axes) * m_now[i]
+            for i, c, (w, s), V in zip(active, calibs, slots, looks)
+        ])
         # Built from all-reduced dL/dW_hat: the same on every replica.
-        g_phi = [ops.zeros_like(v) if g is None else g for g, v in zip(g_phi, phi)]
+        g_phi = app.vjp(cotangent)
         other_pairs = [(g, v) for g, v in zip(g_other, others) if g is not None]
 
         def update(g_phi, g_other, new_state):
+            if self._carries_state:  # before phi moves (see _code_step)
+                app.write_state(self.meta_state, new_state)
             self.meta_optimizer.apply_gradients(zip(g_phi, phi))
             if other_pairs:
                 self._rest_optimizer.apply_gradients(
                     zip(g_other, [v for _, v in other_pairs])
                 )
-            if self.meta_state and not self.reset_meta_state:
-                for var, value in zip(self.meta_state, new_state):
-                    var.assign(value)
 
         finite = ops.logical_and(finite_m, distribute.all_replicas(self._all_finite(
-            [loss] + g_phi + list(g_other) + g_what + g_look + list(new_state)
+            [loss] + g_phi + list(g_other) + g_what + g_look + app.state_checks()
         )))
         distribute.cond(
             ops.logical_and(finite, ops.logical_not(first)), update, distribute.noop,
             args=(distribute.for_optimizer(g_phi), [g for g, _ in other_pairs],
-                  tuple(new_state)),
+                  app.new_state or ()),
         )
         self._guarded(finite, self._record_state, (g_what, w_tildes), saved)
         return self._track(x, y, y_pred, sample_weight, loss, finite,

@@ -127,7 +127,7 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
                    meta_network="multifc", estimator="metaquant",
                    semantics="code", filters=None, reset_meta_state=False,
                    quantizer_options=None, meta_network_options=None,
-                   verbose=True):
+                   meta_chunk_size=None, verbose=True):
     """Returns a `MetaQuantModel` whose Dense/conv kernels are quantized.
 
     The input model is cloned, never mutated; its weights are copied into the
@@ -152,6 +152,8 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
             `{"per_channel": True}` for bwn / ternary.
         meta_network_options: extra meta network options (`hidden_size`,
             `seed`, ...).
+        meta_chunk_size: apply the meta network to this many weights at a
+            time to bound the meta step's memory (see `MetaQuantModel`).
         verbose: print once which layers with weights were left float.
 
     Returns:
@@ -280,5 +282,5 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
         print(f"mq_keras: left float (not quantized): {', '.join(left_float)}")
     return MetaQuantModel(
         cloned, meta, estimator=estimator, semantics=semantics,
-        reset_meta_state=reset_meta_state,
+        reset_meta_state=reset_meta_state, meta_chunk_size=meta_chunk_size,
     )
