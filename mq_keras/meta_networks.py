@@ -15,7 +15,9 @@ with fan-in `f` draws weights from U(-1/sqrt(f), 1/sqrt(f)); the LSTM draws all
 weights and both biases from U(-1/sqrt(hidden), 1/sqrt(hidden)).
 """
 
+import inspect
 import math
+import numbers
 
 import keras
 from keras import ops
@@ -59,12 +61,19 @@ class MetaNetwork(keras.layers.Layer):
                 f"{self.dtype_policy.name!r}. Leave dtype unset (mixed "
                 "precision policies apply to the quantized model only)."
             )
-        if not isinstance(hidden_size, int) or hidden_size < 1:
+        if (isinstance(hidden_size, bool)
+                or not isinstance(hidden_size, numbers.Integral) or hidden_size < 1):
             raise ValueError(
-                f"hidden_size must be a positive int, got {hidden_size!r}."
+                f"hidden_size must be a positive int, got {hidden_size!r}; "
+                "e.g. hidden_size=100 (the reference's)."
             )
-        self.hidden_size = hidden_size
-        self.seed = seed
+        if seed is not None and (isinstance(seed, bool)
+                                 or not isinstance(seed, numbers.Integral)):
+            raise ValueError(
+                f"seed must be an int or None, got {seed!r}."
+            )
+        self.hidden_size = int(hidden_size)
+        self.seed = None if seed is None else int(seed)
 
     def initial_state(self, num_rows):
         """Zero recurrent state for `num_rows` weight elements."""
@@ -137,7 +146,14 @@ class MultiFC(MetaNetwork):
         if not isinstance(num_layers, int) or num_layers < 2:
             raise ValueError(f"num_layers must be an int >= 2, got {num_layers!r}.")
         self.num_layers = num_layers
-        self.activation = keras.activations.get(activation)
+        try:
+            self.activation = keras.activations.get(activation)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"Unknown activation={activation!r} for MultiFC: pass None (the "
+                "reference), a name from keras.activations such as 'relu' or "
+                "'tanh', or a callable."
+            ) from e
         self._activation_config = activation
 
     def build(self, input_shape=None):
@@ -295,8 +311,12 @@ class GainMLP(MetaNetwork):
 
     def __init__(self, *, hidden_size=32, max_gain=4.0, **kwargs):
         super().__init__(hidden_size=hidden_size, **kwargs)
-        if not max_gain > 1.0:
-            raise ValueError(f"max_gain must be > 1, got {max_gain!r}.")
+        if (isinstance(max_gain, bool) or not isinstance(max_gain, numbers.Real)
+                or not math.isfinite(max_gain) or not max_gain > 1.0):
+            raise ValueError(
+                f"max_gain must be a finite number > 1, got {max_gain!r}; "
+                "e.g. max_gain=4.0 (the default)."
+            )
         self.max_gain = float(max_gain)
 
     def build(self, input_shape=None):
@@ -350,6 +370,39 @@ class GainMLP(MetaNetwork):
 _REGISTRY = {cls.name_key: cls for cls in (FCGrad, MultiFC, LSTMFC, GainMLP)}
 
 
+def class_for(name):
+    """The MetaNetwork class registered under `name`, or None."""
+    return _REGISTRY.get(name.lower()) if isinstance(name, str) else None
+
+
+def _options_of(cls):
+    """(options of `cls` and its MetaNetwork bases, options of keras Layer)."""
+    own, layer = set(), set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        names = {p.name for p in inspect.signature(init).parameters.values()
+                 if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+                 and p.name != "self"}
+        if klass is keras.layers.Layer:
+            layer |= names
+            break
+        own |= names
+    return sorted(own), sorted(layer)
+
+
+def check_options(cls, options, what, label="option(s)"):
+    """Raises a ValueError naming the options of `cls` if `options` has others."""
+    own, layer = _options_of(cls)
+    unknown = sorted(set(options) - set(own) - set(layer))
+    if unknown:
+        raise ValueError(
+            f"Unknown {label} {unknown} for {what}; {cls.__name__} takes "
+            f"{own} (and keras.layers.Layer options such as name and dtype)."
+        )
+
+
 def get(identifier, **options):
     """Returns a meta network from a name, a config dict or an instance.
 
@@ -366,7 +419,9 @@ def get(identifier, **options):
     if isinstance(identifier, dict):
         return keras.saving.deserialize_keras_object(identifier)
     if isinstance(identifier, str) and identifier.lower() in _REGISTRY:
-        return _REGISTRY[identifier.lower()](**options)
+        cls = _REGISTRY[identifier.lower()]
+        check_options(cls, options, f"meta network {identifier!r}")
+        return cls(**options)
     raise ValueError(
         f"Unknown meta_network {identifier!r}; allowed names are "
         f"{sorted(_REGISTRY)} (or estimator='ste' for the plain STE)."

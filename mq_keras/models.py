@@ -100,6 +100,13 @@ class MetaQuantModel(keras.Model):
     def __init__(self, model, meta_network="multifc", *, estimator="metaquant",
                  semantics="code", reset_meta_state=False, meta_chunk_size=None,
                  **kwargs):
+        if not isinstance(model, keras.Model):
+            raise ValueError(
+                f"MetaQuantModel expects a built Functional or Sequential "
+                f"keras.Model containing MetaQuantWrapper layers, got "
+                f"{type(model).__name__}; build one with "
+                "mq_keras.quantize_model(float_model)."
+            )
         kwargs.setdefault("name", f"metaquant_{model.name}")
         super().__init__(**kwargs)
         if estimator not in ESTIMATORS:
@@ -203,6 +210,18 @@ class MetaQuantModel(keras.Model):
                 form of `mq_keras.PaperAdam`.
             **kwargs: passed to `keras.Model.compile`.
         """
+        if self.estimator == "ste" and meta_optimizer is not None:
+            raise ValueError(
+                "meta_optimizer is only used by estimator='metaquant', not "
+                "estimator='ste' (which has no meta network); drop "
+                "meta_optimizer."
+            )
+        if meta_optimizer is not None and meta_optimizer is optimizer:
+            raise ValueError(
+                "optimizer and meta_optimizer must be two different optimizer "
+                "instances (each keeps slots for its own variables); pass e.g. "
+                "meta_optimizer=mq_keras.PaperAdam(1e-3)."
+            )
         if self.estimator == "metaquant" and meta_optimizer is None:
             raise ValueError(
                 "MetaQuantModel.compile() needs meta_optimizer= for the "
@@ -210,12 +229,21 @@ class MetaQuantModel(keras.Model):
                 "mq_keras.PaperAdam(1e-3) (the reference's) or "
                 "keras.optimizers.Adam(1e-3)."
             )
+        if meta_optimizer is not None:
+            try:
+                meta_optimizer = keras.optimizers.get(meta_optimizer)
+            except ValueError as e:
+                raise ValueError(
+                    f"Unknown meta_optimizer={meta_optimizer!r}: {e}. Pass an "
+                    "optimizer instance such as mq_keras.PaperAdam(1e-3) or a "
+                    "Keras optimizer name ('adam')."
+                ) from e
         super().compile(optimizer=optimizer, **kwargs)
         # Build the base optimizer on the base variables only, so that the
         # meta network never gets base-optimizer slots.
         self.optimizer.build(self.base_variables)
         if self.estimator == "metaquant":
-            self.meta_optimizer = keras.optimizers.get(meta_optimizer)
+            self.meta_optimizer = meta_optimizer
             self.meta_optimizer.build(self.meta_network.trainable_variables)
             if self.semantics == "paper":
                 _, rest, _ = self._partition()

@@ -1,7 +1,6 @@
 """`quantize_model`: one call from a float Keras model to a `MetaQuantModel`."""
 
 import collections.abc
-import inspect
 import warnings
 
 import keras
@@ -71,25 +70,6 @@ def _as_options(arg, value, example):
     return dict(value)
 
 
-def _meta_class_options(cls):
-    """Keyword options of a MetaNetwork class and of keras.layers.Layer."""
-    own, layer = set(), set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        names = {
-            p.name for p in inspect.signature(init).parameters.values()
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-            and p.name != "self"
-        }
-        if klass is keras.layers.Layer:
-            layer |= names
-            break
-        own |= names
-    return sorted(own), sorted(layer)
-
-
 def _check_meta_options(meta_network, estimator, options):
     """Refuses meta network options that would be ignored or are unknown."""
     if not options:
@@ -110,17 +90,11 @@ def _check_meta_options(meta_network, estimator, options):
             f"given by name, not to {meta_network!r}; set them on the "
             f"instance instead, e.g. mq_keras.{cls}({kwargs})."
         )
-    cls = getattr(meta_networks, "_REGISTRY", {}).get(meta_network.lower())
+    cls = meta_networks.class_for(meta_network)
     if cls is None:
         return  # meta_networks.get names the allowed networks
-    own, layer = _meta_class_options(cls)
-    unknown = sorted(set(options) - set(own) - set(layer))
-    if unknown:
-        raise ValueError(
-            f"Unknown meta_network_options {unknown} for meta_network="
-            f"{meta_network!r}; {cls.__name__} takes {own} (and "
-            f"keras.layers.Layer options such as name and dtype)."
-        )
+    meta_networks.check_options(cls, options, f"meta_network={meta_network!r}",
+                                label="meta_network_options")
 
 
 def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,

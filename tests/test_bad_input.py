@@ -1,9 +1,5 @@
 """Wrong uses of the public API: each raises a specific error that names both
 what is wrong (the bad value) and what to do instead (allowed values, the fix).
-
-Tests marked `xfail(strict=True)` document wrong uses whose error (or lack of
-one) lives in models.py / meta_networks.py and still needs the fix described
-in their `reason`; they start failing (XPASS) once it lands.
 """
 
 import re
@@ -538,21 +534,13 @@ def test_cli_unknown_mode(capsys, tmp_path):
                      err), err
 
 
-# ------------------------------------------------ to fix in the forbidden files
-@pytest.mark.xfail(strict=True, reason=(
-    "models.py MetaQuantModel.__init__ reads model.name before any check: "
-    "MetaQuantModel('x') raises AttributeError: 'str' object has no attribute "
-    "'name'. Proposed: check isinstance(model, keras.Model) first."))
+# ------------------------------------------ MetaQuantModel and meta networks
 def test_metaquant_model_around_a_non_model():
     with pytest.raises(ValueError, match=r"MetaQuantModel expects a built Functional "
                        r"or Sequential keras\.Model.*got str.*quantize_model"):
         mqk.MetaQuantModel("model")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "models.py MetaQuantModel.compile ignores meta_optimizer= silently for "
-    "estimator='ste'. Proposed: raise, as convert_to_tflite does for a "
-    "representative_dataset outside mode='int8'."))
 def test_meta_optimizer_for_the_ste_estimator():
     with pytest.raises(ValueError, match=r"meta_optimizer.*estimator='ste'.*drop "
                        r"meta_optimizer"):
@@ -560,20 +548,11 @@ def test_meta_optimizer_for_the_ste_estimator():
             optimizer="sgd", meta_optimizer=mqk.PaperAdam(), loss=LOSS)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "models.py MetaQuantModel.compile passes meta_optimizer to "
-    "keras.optimizers.get, whose error 'Could not interpret optimizer "
-    "identifier: nope' names neither meta_optimizer nor what to pass."))
 def test_unknown_meta_optimizer():
     with pytest.raises(ValueError, match=r"meta_optimizer='nope'.*PaperAdam"):
         _quantize().compile(optimizer="sgd", meta_optimizer="nope", loss=LOSS)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "models.py MetaQuantModel.compile accepts one optimizer instance as both "
-    "optimizer and meta_optimizer; the second build() replaces the first, and "
-    "the second fit step fails deep inside Cond.call() with 'Unknown variable: "
-    "<Variable path=multi_fc/w0 ...>'. Proposed: refuse it in compile()."))
 def test_one_optimizer_instance_for_both_roles():
     opt = mqk.PaperAdam()
     with pytest.raises(ValueError, match=r"optimizer and meta_optimizer must be two "
@@ -581,55 +560,34 @@ def test_one_optimizer_instance_for_both_roles():
         _quantize().compile(optimizer=opt, meta_optimizer=opt, loss=LOSS)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "meta_networks.py MetaNetwork.__init__ accepts hidden_size=True (bool is an "
-    "int subclass) as a width of 1."))
 def test_bool_hidden_size():
     with pytest.raises(ValueError, match=r"hidden_size must be a positive int, got "
                        r"True"):
         meta_networks.get("fc_grad", hidden_size=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "meta_networks.py GainMLP.__init__ accepts max_gain=inf: log(inf) * tanh(0) "
-    "is NaN, so every meta output is NaN and MetaQuantModel skips every step "
-    "(skipped_steps) without an error."))
 def test_infinite_max_gain():
     with pytest.raises(ValueError, match=r"max_gain must be a finite number > 1, got "
                        r"inf"):
         mqk.GainMLP(max_gain=float("inf"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "meta_networks.py GainMLP.__init__: max_gain='4' fails with TypeError: '>' "
-    "not supported between instances of 'str' and 'float'."))
 def test_string_max_gain():
     with pytest.raises(ValueError, match=r"max_gain must be a finite number > 1, got "
                        r"'4'"):
         mqk.GainMLP(max_gain="4")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "meta_networks.py MetaNetwork.__init__ does not check seed; seed='x' fails "
-    "at build() with TypeError: can only concatenate str (not \"int\") to str."))
 def test_string_seed():
     with pytest.raises(ValueError, match=r"seed must be an int or None, got 'x'"):
         mqk.MultiFC(seed="x")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "meta_networks.py get() passes unknown options to keras.layers.Layer, whose "
-    "error 'Unrecognized keyword arguments passed to MultiFC: {'hiden_size': 3}' "
-    "does not say which options exist (quantize_model now checks them itself)."))
 def test_unknown_option_to_meta_networks_get():
     with pytest.raises(ValueError, match=r"'hiden_size'.*MultiFC takes .*'hidden_size'"):
         meta_networks.get("multifc", hiden_size=3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "meta_networks.py MultiFC.__init__ passes activation to "
-    "keras.activations.get, whose error 'Could not interpret activation function "
-    "identifier: nope' names neither the option nor the allowed values."))
 def test_unknown_multifc_activation():
     with pytest.raises(ValueError, match=r"activation='nope'.*keras\.activations"):
         mqk.MultiFC(activation="nope")
