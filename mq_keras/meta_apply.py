@@ -82,7 +82,8 @@ class MetaApplication:
         with tf.control_dependencies(after):
             rows = [t[start:end] for t in tensors]
             index = tf.range(start, end)
-            state = tuple(v.value.sparse_read(index) for v in self.state_vars)
+            # A gather (ResourceGather on a plain variable) reads just the rows.
+            state = tuple(tf.gather(v.value, index) for v in self.state_vars)
         return rows, state
 
     def _chunked_map(self, fn, *tensors):

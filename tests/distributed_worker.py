@@ -7,7 +7,8 @@ else in a process.
     python tests/distributed_worker.py --mode mirrored --out r.npz CONFIG...
     TF_CONFIG=... python tests/distributed_worker.py --mode multiworker ...
 
-CONFIG is `meta:semantics:bn` (e.g. `lstmfc:paper:bn`, `ste:code:nobn`). In
+CONFIG is `meta:semantics:bn[:meta_chunk_size]` (e.g. `lstmfc:paper:bn`,
+`ste:code:nobn`, `lstmfc:code:nobn:100`). In
 `mirrored` mode each config is trained twice, on one device and mirrored over
 two logical CPU devices, with the same global batch; the npz holds
 `<config>/<one|two>/<i>` for the i-th state array (model variables, then the
@@ -34,7 +35,8 @@ def _build(config):
     import keras
     import mq_keras as mqk
 
-    meta, semantics, bn = config.split(":")
+    meta, semantics, bn, *chunk = config.split(":")
+    chunk = int(chunk[0]) if chunk else None
     keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 1))
     h = keras.layers.Conv2D(4, 3, name="c1")(inp)
@@ -48,7 +50,7 @@ def _build(config):
     q = mqk.quantize_model(
         model, meta_network=None if ste else meta,
         estimator="ste" if ste else "metaquant", semantics=semantics,
-        verbose=False,
+        meta_chunk_size=chunk, verbose=False,
     )
     q.compile(
         optimizer=keras.optimizers.SGD(0.1, momentum=0.9),

@@ -17,9 +17,10 @@ import pytest
 
 WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
 ROOT = WORKER.parents[1]
-# meta network : semantics : BN (synchronised) or not. LSTMFC carries (h, c),
-# so its state must be the same on every replica too.
-CONFIGS = ["multifc:code:bn", "lstmfc:code:nobn", "lstmfc:paper:bn",
+# meta network : semantics : BN (synchronised) or not [: meta_chunk_size].
+# LSTMFC carries (h, c), so its state must be the same on every replica too;
+# chunked, it is scattered into the mirrored state variables chunk by chunk.
+CONFIGS = ["multifc:code:bn", "lstmfc:code:nobn", "lstmfc:paper:bn:100",
            "gain_mlp:code:nobn", "fc_grad:paper:nobn", "ste:code:bn"]
 MULTI_WORKER_CONFIG = "lstmfc:code:bn"
 # The bound; two replicas sum gradients in another order than one.
