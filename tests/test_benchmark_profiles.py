@@ -1,9 +1,7 @@
 """The accuracy benchmark: its smoke profile runs end to end; profiles are well formed."""
 
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -30,12 +28,9 @@ def test_profiles_are_well_formed():
 
 
 @pytest.mark.usefixtures("mnist_available")
-def test_smoke_profile(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "benchmark.py"), "--profile=smoke",
-         f"--output_dir={tmp_path}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def test_smoke_profile(tmp_path, run_python):
+    proc = run_python(ROOT / "examples" / "benchmark.py", "--profile=smoke",
+                      f"--output_dir={tmp_path}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mean last (var)" in proc.stdout
     data = json.loads((tmp_path / "results.json").read_text())

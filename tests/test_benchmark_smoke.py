@@ -1,27 +1,16 @@
 """Smoke test of examples/benchmark_step_time.py: runs it tiny, end to end."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "benchmark_step_time.py"
 METHODS = ("float", "ste", "fc_grad", "multifc", "lstmfc", "gain_mlp")
 
 
-def test_benchmark_step_time_smoke(tmp_path):
+def test_benchmark_step_time_smoke(tmp_path, run_python):
     out = tmp_path / "step_time.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", f"--output_json={out}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc = run_python(SCRIPT, "--smoke", f"--output_json={out}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout[proc.stdout.index("method"):]
     for method in METHODS:

@@ -2,10 +2,7 @@
 
 import ast
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import keras
 import pytest
@@ -27,24 +24,12 @@ def _mnist_example_architecture():
     return [[type(l).__name__, list(l.output.shape[1:])] for l in model.layers]
 
 
-def _run(*args):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-
-
 # "auto" reads the prepared MNIST when there is one; "random" is the path
 # taken without it.
 @pytest.mark.parametrize("data", ["auto", "random"])
-def test_benchmark_tflite_smoke(tmp_path, data):
+def test_benchmark_tflite_smoke(tmp_path, data, run_python):
     out = tmp_path / "tflite.json"
-    proc = _run("--smoke", f"--data={data}", f"--output_json={out}")
+    proc = run_python(SCRIPT, "--smoke", f"--data={data}", f"--output_json={out}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout[proc.stdout.index("top-1 agr"):]
     for mode in MODES:
@@ -81,7 +66,7 @@ def test_benchmark_tflite_smoke(tmp_path, data):
         assert t["top1_agreement"] >= 0.9
 
 
-def test_benchmark_tflite_enforces_min_runs():
-    proc = _run("--runs=10")
+def test_benchmark_tflite_enforces_min_runs(run_python):
+    proc = run_python(SCRIPT, "--runs=10")
     assert proc.returncode != 0
     assert "--runs must be >= 50" in proc.stdout + proc.stderr

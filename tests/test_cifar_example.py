@@ -3,28 +3,18 @@
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_cifar10_resnet20_smoke(tmp_path):
+def test_cifar10_resnet20_smoke(tmp_path, run_python):
     data = os.environ.get("TFDS_DATA_DIR")
     if not data or not (pathlib.Path(data) / "cifar10").is_dir():
         pytest.skip("prepared CIFAR-10 (TFDS_DATA_DIR) is not present")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(_REPO), env.get("PYTHONPATH")) if p
-    )
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    result = subprocess.run(
-        [sys.executable, str(_REPO / "examples" / "cifar10_resnet20.py"),
-         "--smoke", f"--output_dir={tmp_path}"],
-        cwd=_REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    result = run_python(_REPO / "examples" / "cifar10_resnet20.py", "--smoke",
+                        f"--output_dir={tmp_path}", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     for line in ("float test accuracy:",

@@ -6,7 +6,6 @@ TensorFlow does anything else in a process.
 """
 
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -27,27 +26,18 @@ MULTI_WORKER_CONFIG = "lstmfc:code:bn"
 ATOL = 1e-5
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]
-    )
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return env
-
-
 def _states(npz, key):
     n = sum(1 for k in npz.files if k.startswith(key + "/") and not k.endswith("loss"))
     return [npz[f"{key}/{i}"] for i in range(n)], npz[f"{key}/loss"]
 
 
 @pytest.fixture(scope="module")
-def mirrored(tmp_path_factory):
+def mirrored(tmp_path_factory, child_env):
     out = tmp_path_factory.mktemp("mirrored") / "r.npz"
     proc = subprocess.run(
         [sys.executable, str(WORKER), "--mode", "mirrored", "--out", str(out)]
         + CONFIGS + ([MULTI_WORKER_CONFIG] if MULTI_WORKER_CONFIG not in CONFIGS else []),
-        env=_env(), capture_output=True, text=True, timeout=600,
+        env=child_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return np.load(out)
@@ -82,15 +72,14 @@ def _free_ports(n):
     return ports
 
 
-def test_multi_worker_two_processes_equal_one_device(mirrored, tmp_path):
+def test_multi_worker_two_processes_equal_one_device(mirrored, tmp_path, child_env):
     ports = _free_ports(2)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     procs = []
     for index in range(2):
-        env = _env()
-        env["TF_CONFIG"] = json.dumps(
+        env = child_env(TF_CONFIG=json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": index}}
-        )
+        ))
         procs.append(subprocess.Popen(
             [sys.executable, str(WORKER), "--mode", "multiworker",
              "--out", str(tmp_path / f"w{index}.npz"), MULTI_WORKER_CONFIG],

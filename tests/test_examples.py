@@ -1,9 +1,6 @@
 """Runs the example scripts end to end in their --smoke mode."""
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -11,18 +8,10 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("data", ["auto", "synthetic"])
-def test_mnist_smoke(tmp_path, data):
-    env = dict(os.environ)
-    # Importable from the checkout even when the package is not installed.
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(_REPO), env.get("PYTHONPATH")) if p
-    )
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    result = subprocess.run(
-        [sys.executable, str(_REPO / "examples" / "mnist.py"), "--smoke",
-         f"--data={data}", f"--output_dir={tmp_path}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
+def test_mnist_smoke(tmp_path, data, run_python):
+    result = run_python(_REPO / "examples" / "mnist.py", "--smoke",
+                        f"--data={data}", f"--output_dir={tmp_path}",
+                        cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "== Results" in out
