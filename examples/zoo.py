@@ -126,6 +126,35 @@ def resnet20(num_classes=10, *, name="resnet20"):
     return keras.Model(inputs, outputs, name=name)
 
 
+def resnet18(num_classes=10, *, input_shape=(32, 32, 3), name="resnet18"):
+    """ResNet-18 in its CIFAR form (11.2M params), for scale tests.
+
+    Stem conv3x3 64 (no bias) + BN + ReLU (no max pool); four stages of 64,
+    128, 256 and 512 channels, two BasicBlocks each, the first block of
+    stages 2-4 with stride 2 and a 1x1 conv + BN shortcut; global average
+    pooling; Dense with bias. Same blocks as `resnet20`.
+
+    Args:
+        num_classes: number of logits.
+        input_shape: channels_last image shape.
+        name: name of the Keras model.
+
+    Returns:
+        An uncompiled Functional `keras.Model`.
+    """
+    inputs = keras.Input(input_shape, name="input")
+    x = _conv3x3(inputs, 64, 1, "conv1")
+    x = _bn("bn1")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    for stage, filters in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            strides = 2 if block == 0 and stage > 1 else 1
+            x = _basic_block(x, filters, strides, f"layer{stage}_{block}")
+    x = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
+    outputs = keras.layers.Dense(num_classes, name="fc")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
 def default_pretrained_path():
     """Path of the shared pretrained ResNet20 npz, or None when it is absent.
 
