@@ -7,6 +7,10 @@ else in a process.
     python tests/distributed_worker.py --mode mirrored --out r.npz CONFIG...
     TF_CONFIG=... python tests/distributed_worker.py --mode multiworker ...
 
+In `mirrored_mixed` mode each config is trained once, mirrored, under
+`mixed_float16` with unsynchronised BN and a NaN in two batches; the npz
+holds `<config>/skipped`, `<config>/scale` and `<config>/finite`.
+
 CONFIG is `meta:semantics:bn[:meta_chunk_size]` (e.g. `lstmfc:paper:bn`,
 `ste:code:nobn`, `lstmfc:code:nobn:100`). In
 `mirrored` mode each config is trained twice, on one device and mirrored over
@@ -31,7 +35,7 @@ def _data():
     return x, rng.integers(0, 3, size=64)
 
 
-def _build(config):
+def _build(config, sync_bn=True):
     import keras
     import mq_keras as mqk
 
@@ -42,10 +46,13 @@ def _build(config):
     h = keras.layers.Conv2D(4, 3, name="c1")(inp)
     if bn == "bn":
         # Synchronised BN sees the global batch, as one device does.
-        h = keras.layers.BatchNormalization(synchronized=True, name="bn")(h)
+        h = keras.layers.BatchNormalization(synchronized=sync_bn, name="bn")(h)
     h = keras.layers.ReLU()(h)
     h = keras.layers.Flatten()(h)
-    model = keras.Model(inp, keras.layers.Dense(3, name="fc")(h))
+    h = keras.layers.Dense(3, name="fc")(h)
+    # float32 logits (a no-op without a mixed precision policy).
+    out = keras.layers.Activation("linear", dtype="float32", name="logits")(h)
+    model = keras.Model(inp, out)
     ste = meta == "ste"
     q = mqk.quantize_model(
         model, meta_network=None if ste else meta,
@@ -76,6 +83,23 @@ def _train(strategy, config, epochs=2):
     return _state(q), np.asarray(history.history["loss"])
 
 
+def _train_mixed_with_nans(strategy, config):
+    import keras
+
+    x, y = _data()
+    x[[5, 40], 0, 0, 0] = np.nan  # one bad sample in 2 of the 4 steps per epoch
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            q = _build(config, sync_bn=False)
+        q.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    finite = all(np.all(np.isfinite(np.asarray(v))) for v in q.variables)
+    return {"skipped": int(q.skipped_steps.numpy()), "finite": finite,
+            "scale": float(q.optimizer.dynamic_scale.numpy())}
+
+
 def _save(out, results):
     flat = {}
     for key, (arrays, loss) in results.items():
@@ -87,17 +111,27 @@ def _save(out, results):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--mode", choices=("mirrored", "multiworker"), required=True)
+    parser.add_argument("--mode", choices=("mirrored", "mirrored_mixed", "multiworker"),
+                        required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("configs", nargs="+")
     args = parser.parse_args()
 
     results = {}
-    if args.mode == "mirrored":
+    if args.mode.startswith("mirrored"):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2
         )
+    if args.mode == "mirrored_mixed":
+        two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        flat = {}
+        for config in args.configs:
+            for key, value in _train_mixed_with_nans(two, config).items():
+                flat[f"{config}/{key}"] = value
+        np.savez(args.out, **flat)
+        return
+    if args.mode == "mirrored":
         one = tf.distribute.OneDeviceStrategy("/cpu:0")
         two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         for config in args.configs:
