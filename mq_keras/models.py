@@ -31,6 +31,14 @@ a twin of the base optimizer, so that each optimizer counts one step per step).
 
 `estimator="ste"` trains the same wrappers with the plain straight-through
 estimator (Keras' ordinary train step), for like-for-like comparisons.
+
+Every step is guarded: if the loss, a gradient, `m` or the new meta state is
+not finite, nothing is written and `skipped_steps` counts it. Under
+tf.distribute the stored state is built from all-reduced gradients so every
+replica keeps the same (`mq_keras.distribute`); under `mixed_float16` the
+loss scaling of a LossScaleOptimizer is applied by hand
+(`mq_keras.loss_scaling`); `meta_chunk_size` bounds the meta network's memory
+(`mq_keras.meta_apply`).
 """
 
 import functools

@@ -20,7 +20,7 @@ ROOT = WORKER.parents[1]
 # LSTMFC carries (h, c), so its state must be the same on every replica too;
 # chunked, it is scattered into the mirrored state variables chunk by chunk.
 CONFIGS = ["multifc:code:bn", "lstmfc:code:nobn", "lstmfc:paper:bn:100",
-           "gain_mlp:code:nobn", "fc_grad:paper:nobn", "ste:code:bn"]
+           "fc_grad:paper:nobn", "ste:code:bn"]
 MULTI_WORKER_CONFIG = "lstmfc:code:bn"
 # The bound; two replicas sum gradients in another order than one.
 ATOL = 1e-5
