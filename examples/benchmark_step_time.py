@@ -150,11 +150,12 @@ def state_size(model):
     out["base_trainable_params"] = _numel(model.base_variables)
     state_vars = []
     for w in model.wrappers:
+        if not w.record_state:  # STE wrappers keep no MetaQuant state
+            continue
         for s in w.slots:
             state_vars += [s.prev_grad, s.prev_w_tilde, s.prev_update]
         if w.bias_prev_update is not None:
             state_vars.append(w.bias_prev_update)
-    # Allocated by the wrappers for STE too, although only MetaQuant uses it.
     out["kernel_state"] = _numel(state_vars)
     if model.meta_network is not None:
         out["meta_params"] = _numel(model.meta_network.weights)
@@ -337,8 +338,7 @@ def main(argv):
           "CPU time is the whole process (all threads).")
     print(format_table(report))
     print()
-    print("MetaQuant training state, floats (STE allocates the wrappers' kernel "
-          "state but does not use it):")
+    print("MetaQuant training state, floats (STE wrappers keep none):")
     print(format_state(report))
     print(f"Peak RSS of the whole process (all methods): {report['peak_rss_mib']:.0f} MiB")
     if FLAGS.output_json:

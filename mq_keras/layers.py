@@ -165,9 +165,13 @@ class MetaQuantWrapper(keras.layers.Wrapper):
         kernel_quantizer: a quantizer name ("dorefa", "bwn", "ternary",
             "uniform") or instance.
         num_bits: bit width for a quantizer given by name.
+        record_state: keep the MetaQuant state above (3 floats per weight);
+            `quantize_model` sets it False for `estimator="ste"`, which needs
+            none.
     """
 
-    def __init__(self, layer, *, kernel_quantizer="dorefa", num_bits=None, **kwargs):
+    def __init__(self, layer, *, kernel_quantizer="dorefa", num_bits=None,
+                 record_state=True, **kwargs):
         if isinstance(layer, MetaQuantWrapper):
             raise ValueError(
                 f"Layer {layer.name!r} is already a MetaQuantWrapper; wrap the "
@@ -184,6 +188,9 @@ class MetaQuantWrapper(keras.layers.Wrapper):
         kwargs.setdefault("dtype", layer.dtype_policy)
         super().__init__(layer, **kwargs)
         self.kernel_quantizer = quantizers.get(kernel_quantizer, num_bits=num_bits)
+        if not isinstance(record_state, bool):
+            raise ValueError(f"record_state must be True or False, got {record_state!r}.")
+        self.record_state = record_state
         self._spec = kernel_spec(layer)
         self.slots = []
         self.bias_variable = None
@@ -200,6 +207,8 @@ class MetaQuantWrapper(keras.layers.Wrapper):
                 )
 
             def state(suffix, var=var, name=name):
+                if not self.record_state:
+                    return None
                 return self.add_weight(
                     name=f"{name}_{suffix}",
                     shape=var.shape,
@@ -216,7 +225,7 @@ class MetaQuantWrapper(keras.layers.Wrapper):
                 )
             )
         self.bias_variable = _find_variable(self.layer, "bias")
-        if self.bias_variable is not None:
+        if self.bias_variable is not None and self.record_state:
             self.bias_prev_update = self.add_weight(
                 name="bias_prev_update",
                 shape=self.bias_variable.shape,
@@ -279,6 +288,7 @@ class MetaQuantWrapper(keras.layers.Wrapper):
     def get_config(self):
         config = super().get_config()
         config["kernel_quantizer"] = quantizers.serialize(self.kernel_quantizer)
+        config["record_state"] = self.record_state
         return config
 
     @classmethod

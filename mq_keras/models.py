@@ -149,6 +149,14 @@ class MetaQuantModel(keras.Model):
                 "quantize. Use mq_keras.quantize_model on a model with Dense or "
                 "convolution layers."
             )
+        stateless = [w.name for w in self.wrappers if not w.record_state]
+        if estimator == "metaquant" and stateless:
+            raise ValueError(
+                f"Wrappers {stateless} were built with record_state=False (for "
+                "the STE), but estimator='metaquant' needs their state; "
+                "quantize the float model again with "
+                "mq_keras.quantize_model(..., estimator='metaquant')."
+            )
         self._slots = [(w, s) for w in self.wrappers for s in w.slots]
         self._sizes = [int(np.prod(s.variable.shape)) for _, s in self._slots]
         self._segment_ids = np.repeat(

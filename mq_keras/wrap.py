@@ -231,7 +231,8 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
     def clone(layer):
         new = _copy_layer(layer)
         if is_supported(layer) and selected(layer):
-            new = MetaQuantWrapper(new, kernel_quantizer=quantizer)
+            new = MetaQuantWrapper(new, kernel_quantizer=quantizer,
+                                   record_state=estimator == "metaquant")
         pairs.append((layer, new))
         return new
 

@@ -188,3 +188,20 @@ def test_multifc_with_signed_w_tilde_warns():
                            verbose=False)
         mqk.quantize_model(_cnn(), kernel_quantizer="bwn", meta_network="gain_mlp",
                            verbose=False)
+
+
+def test_ste_wrappers_keep_no_metaquant_state():
+    """The STE needs no dL/dW_hat, W_tilde or r: 3 floats per weight saved."""
+    model = _cnn()
+    ste = mqk.quantize_model(model, estimator="ste", verbose=False)
+    meta = mqk.quantize_model(model, verbose=False)
+    assert all(not w.record_state and not w.non_trainable_weights
+               for w in mqk.models.wrappers_of(ste.quantized_model))
+    n_state = sum(int(np.prod(v.shape)) for w in mqk.models.wrappers_of(meta.quantized_model)
+                  for v in w.non_trainable_weights)
+    n_kernels = sum(int(np.prod(s.variable.shape)) for _, s in meta._slots)
+    n_biases = sum(int(np.prod(w.bias_variable.shape)) for w in meta.wrappers
+                   if w.bias_variable is not None)
+    assert n_state == 3 * n_kernels + n_biases
+    with pytest.raises(ValueError, match="record_state=False.*estimator='metaquant'"):
+        mqk.MetaQuantModel(ste.quantized_model, "multifc")
