@@ -19,7 +19,7 @@ What is measured:
       MetaQuant step only records state; it also traces the function).
 
     Methods: ``ste`` (no meta network), ``multifc``, ``lstmfc`` (hidden 100,
-    (h, c) carried). Models: ``resnet20`` (CIFAR, 0.27M weights) and
+    (h, c) carried), ``gain_mlp`` (hidden 32). Models: ``resnet20`` (CIFAR, 0.27M weights) and
     ``resnet18`` (CIFAR form, 11.2M weights), from examples/zoo.py.
 
     A configuration whose memory, predicted from the measured ResNet20
@@ -46,7 +46,8 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["resnet20", "resnet18"], "resnet20, resnet18.")
-flags.DEFINE_list("methods", ["ste", "multifc", "lstmfc"], "ste, multifc, lstmfc.")
+flags.DEFINE_list("methods", ["ste", "multifc", "lstmfc", "gain_mlp"],
+                  "ste, multifc, lstmfc, gain_mlp.")
 flags.DEFINE_list("chunk_sizes", ["none", "131072"],
                   "meta_chunk_size values ('none': whole).")
 flags.DEFINE_integer("batch_size", 8, "Images per step.")
@@ -66,6 +67,9 @@ _GB = 1024 ** 3
 # ResNet-18 runs: 46 and 54).
 _WHOLE_LSTM_FLOATS = 16
 _CHUNK_LSTM_FLOATS = 55
+# GainMLP (hidden 32), the same way: whole ~6, chunked ~66 (ResNet20 runs).
+_WHOLE_GAIN_FLOATS = 7
+_CHUNK_GAIN_FLOATS = 70
 
 
 def _rss_gb():
@@ -138,6 +142,10 @@ def _predicted_gb(model, method, chunk, measured):
         gb += per_unit * 4 * weights * 100 / _GB
         if chunk is not None:
             gb += _CHUNK_LSTM_FLOATS * 4 * min(chunk, weights) * 100 / _GB
+    if method == "gain_mlp":
+        rows = weights if chunk is None else min(chunk, weights)
+        floats = _WHOLE_GAIN_FLOATS if chunk is None else _CHUNK_GAIN_FLOATS
+        gb += floats * 4 * rows * 32 / _GB
     return gb
 
 

@@ -23,8 +23,9 @@ meta network three times instead of once. The state is read by gathering
 rows, never as a whole tensor, so that writing it does not force a copy of
 a buffer that a pending read still holds.
 
-Only networks whose rows are independent (`MetaNetwork.rowwise`) can be
-chunked; GainMLP normalises over whole kernels.
+What couples rows (GainMLP's per-kernel normalisation) has no trainable
+weights: `MetaNetwork.row_inputs` computes it once over all rows, and
+`MetaNetwork.call_rows` maps rows of its result independently, chunk by chunk.
 """
 
 import tensorflow as tf
@@ -68,8 +69,9 @@ class MetaApplication:
             self.new_state = tuple(new_state)
         else:
             self.new_state = None
+            self._inputs = network.row_inputs(grad, w_tilde, **self._segments)
             self.m = self._chunked_map(
-                lambda g, w, s: network.call(g, w, s)[0], grad, w_tilde
+                lambda *rows: network.call_rows(rows[:-1], rows[-1])[0], *self._inputs
             )
 
     # ------------------------------------------------------------ chunking
@@ -104,11 +106,11 @@ class MetaApplication:
             grads = [ops.zeros_like(p) for p in self._phi]
             after = []
             for start, end in self._bounds():
-                (g, w, c), state = self._rows(
-                    start, end, (self.grad, self.w_tilde, cotangent), after
+                (*rows, c), state = self._rows(
+                    start, end, (*self._inputs, cotangent), after
                 )
                 with tf.GradientTape() as tape:
-                    m, _ = self.network.call(g, w, state)
+                    m, _ = self.network.call_rows(rows, state)
                 part = tape.gradient(m, self._phi, output_gradients=c)
                 grads = [a if p is None else a + p for a, p in zip(grads, part)]
                 after = grads[:1]
@@ -132,11 +134,15 @@ class MetaApplication:
             m, _ = self.network.call(grad, w_tilde, self.new_state, **self._segments)
             return m
 
-        def fn(g_old, w_old, g_new, w_new, state):
-            _, new = self.network.call(g_old, w_old, state)
-            return self.network.call(g_new, w_new, new)[0]
+        now = self.network.row_inputs(grad, w_tilde, **self._segments)
+        k = len(self._inputs)
 
-        return self._chunked_map(fn, self.grad, self.w_tilde, grad, w_tilde)
+        def fn(*rows):
+            *rows, state = rows
+            _, new = self.network.call_rows(rows[:k], state)
+            return self.network.call_rows(rows[k:], new)[0]
+
+        return self._chunked_map(fn, *self._inputs, *now)
 
     def write_state(self, state_vars, new_state=None):
         """Assigns the new state to `state_vars`.
@@ -152,8 +158,8 @@ class MetaApplication:
             return
         after = []
         for start, end in self._bounds():
-            (g, w), state = self._rows(start, end, (self.grad, self.w_tilde), after)
-            _, new = self.network.call(g, w, state)
+            rows, state = self._rows(start, end, self._inputs, after)
+            _, new = self.network.call_rows(rows, state)
             index = tf.range(start, end)
             after = [var.value.scatter_update(tf.IndexedSlices(value, index))
                      for var, value in zip(state_vars, new)]

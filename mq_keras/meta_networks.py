@@ -46,9 +46,6 @@ class MetaNetwork(keras.layers.Layer):
 
     #: Floats of recurrent state per weight element (0: stateless).
     state_size = 0
-    #: Whether each row's output depends on that row alone (so the network
-    #: can be applied in chunks of rows; see `mq_keras.meta_apply`).
-    rowwise = True
 
     def __init__(self, *, hidden_size=100, seed=None, **kwargs):
         # The meta step runs in float32 whatever the global policy: its
@@ -85,6 +82,21 @@ class MetaNetwork(keras.layers.Layer):
         An empty `state` stands for the zero initial state.
         """
         raise NotImplementedError
+
+    def row_inputs(self, grad, w_tilde, segment_ids=None, num_segments=1):
+        """Per-row inputs of `call_rows`: `(grad, w_tilde)` unless rows interact.
+
+        Whatever couples rows (statistics over a kernel) is computed here; it
+        must not depend on trainable weights, so that `call_rows` can be
+        applied and differentiated in chunks of rows (`mq_keras.meta_apply`).
+        """
+        del segment_ids, num_segments
+        return (grad, w_tilde)
+
+    def call_rows(self, rows, state=()):
+        """`(m, new_state)` from rows of `row_inputs` (each row on its own)."""
+        grad, w_tilde = rows
+        return self.call(grad, w_tilde, state)
 
     def compute_output_spec(self, *args, **kwargs):
         raise NotImplementedError("Meta networks are not used symbolically.")
@@ -307,7 +319,6 @@ class GainMLP(MetaNetwork):
     """
 
     name_key = "gain_mlp"
-    rowwise = False  # normalises over whole kernels
 
     def __init__(self, *, hidden_size=32, max_gain=4.0, **kwargs):
         super().__init__(hidden_size=hidden_size, **kwargs)
@@ -349,11 +360,21 @@ class GainMLP(MetaNetwork):
         rms = ops.sqrt(mean_square)
         return ops.where(rms > 0, rms, ops.ones_like(rms))
 
-    def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
+    def row_inputs(self, grad, w_tilde, segment_ids=None, num_segments=1):
+        """`(g, g_n, w_n)`: the gradient and both inputs normalised per kernel."""
         mean = lambda x: self._segment_mean(x, segment_ids, num_segments)  # noqa: E731
         g_n = grad / self._safe_rms(mean(ops.square(grad)))
         w_c = w_tilde - mean(w_tilde)
         w_n = w_c / self._safe_rms(mean(ops.square(w_c)))
+        return (grad, g_n, w_n)
+
+    def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
+        return self.call_rows(
+            self.row_inputs(grad, w_tilde, segment_ids, num_segments), state
+        )
+
+    def call_rows(self, rows, state=()):
+        grad, g_n, w_n = rows
         x = ops.concatenate([g_n, w_n], axis=-1)
         x = ops.tanh(ops.matmul(x, self.w1) + self.b1)
         x = ops.tanh(ops.matmul(x, self.w2) + self.b2)

@@ -178,13 +178,7 @@ class MetaQuantModel(keras.Model):
             self.meta_network = meta_networks.get(meta_network)
             if not self.meta_network.built:
                 self.meta_network.build()
-            if meta_chunk_size is not None and not self.meta_network.rowwise:
-                raise ValueError(
-                    f"meta_chunk_size needs a meta network that treats each "
-                    f"weight alone; {type(self.meta_network).__name__} "
-                    "normalises over whole kernels. Use meta_chunk_size=None, "
-                    "or fc_grad / multifc / lstmfc."
-                )
+
             size = self.meta_network.state_size
             if size:
                 self.meta_state = [
