@@ -9,8 +9,8 @@ weight elements (rows):
   written into the state variables once the step is known to be finite.
 
 Whole (`chunk_size=None`): one call under a tape; the tape keeps every
-intermediate, about 12 * N * hidden floats for LSTMFC (11M weights and
-hidden 100: ~50 GB).
+intermediate, about 16 * N * hidden floats for LSTMFC (measured; 11M weights and
+hidden 100: ~70 GB).
 
 Chunked: rows are processed `chunk_size` at a time, one chunk after the other
 (each chunk's inputs wait on the previous chunk's result), and the

@@ -101,7 +101,7 @@ class MetaQuantModel(keras.Model):
             (h, c) across steps (the code at HEAD).
         meta_chunk_size: apply the meta network to this many weights at a
             time (`mq_keras.meta_apply`): the meta step's extra memory drops
-            from ~12 * N * hidden floats to O(meta_chunk_size * hidden), for
+            from ~16 * N * hidden floats to O(meta_chunk_size * hidden), for
             ~3x the meta network's compute. None (default): all at once.
     """
 
