@@ -34,11 +34,9 @@ def _train(chunk, meta, semantics, reset=False, epochs=2):
 
 
 @pytest.mark.parametrize("meta,semantics,reset", [
-    ("fc_grad", "code", False),
     ("multifc", "paper", False),
     # Per-kernel normalisation computed over all rows, the MLP chunk by chunk.
     ("gain_mlp", "code", False),
-    ("gain_mlp", "paper", False),
     ("lstmfc", "code", False),
     ("lstmfc", "paper", False),
     ("lstmfc", "paper", True),
