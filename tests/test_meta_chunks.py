@@ -7,21 +7,14 @@ import pytest
 import mq_keras as mqk
 from mq_keras.meta_apply import MetaApplication
 
+from tiny_models import tiny_cnn
+
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def _cnn():
-    inp = keras.Input((8, 8, 1))
-    x = keras.layers.Conv2D(4, 3, name="c1")(inp)
-    x = keras.layers.BatchNormalization(name="bn")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Flatten()(x)
-    return keras.Model(inp, keras.layers.Dense(3, name="fc")(x), name="cnn")
 
 
 def _train(chunk, meta, semantics, reset=False, epochs=2):
     keras.utils.set_random_seed(5)
-    q = mqk.quantize_model(_cnn(), meta_network=meta, semantics=semantics,
+    q = mqk.quantize_model(tiny_cnn(), meta_network=meta, semantics=semantics,
                            reset_meta_state=reset, meta_chunk_size=chunk,
                            verbose=False)
     q.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
@@ -95,6 +88,6 @@ def test_chunk_size_round_trips_through_keras_file(tmp_path):
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "1024"])
 def test_bad_chunk_size_is_refused(bad):
     with pytest.raises(ValueError, match="meta_chunk_size must be a positive int"):
-        mqk.quantize_model(_cnn(), meta_network="lstmfc", meta_chunk_size=bad,
+        mqk.quantize_model(tiny_cnn(), meta_network="lstmfc", meta_chunk_size=bad,
                            verbose=False)
 

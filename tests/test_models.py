@@ -6,16 +6,9 @@ import pytest
 
 import mq_keras as mqk
 
+from tiny_models import tiny_cnn
+
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def _cnn():
-    inp = keras.Input((8, 8, 1))
-    x = keras.layers.Conv2D(4, 3, name="c1")(inp)
-    x = keras.layers.BatchNormalization(name="bn")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Flatten()(x)
-    return keras.Model(inp, keras.layers.Dense(3, name="fc")(x), name="cnn")
 
 
 def _data(n=32, seed=0):
@@ -25,7 +18,7 @@ def _data(n=32, seed=0):
 
 
 def _compiled(meta="multifc", **kwargs):
-    q = mqk.quantize_model(_cnn(), meta_network=meta, verbose=False, **kwargs)
+    q = mqk.quantize_model(tiny_cnn(), meta_network=meta, verbose=False, **kwargs)
     q.compile(optimizer=keras.optimizers.Adam(1e-2),
               meta_optimizer=mqk.PaperAdam(1e-3) if q.estimator == "metaquant" else None,
               loss=LOSS, metrics=["accuracy"])
@@ -68,10 +61,10 @@ def test_logs_have_meta_loss_and_ratio_and_evaluate_does_not():
 
 
 def test_compile_requires_meta_optimizer():
-    q = mqk.quantize_model(_cnn(), verbose=False)
+    q = mqk.quantize_model(tiny_cnn(), verbose=False)
     with pytest.raises(ValueError, match="meta_optimizer"):
         q.compile(optimizer="sgd", loss=LOSS)
-    ste = mqk.quantize_model(_cnn(), estimator="ste", verbose=False)
+    ste = mqk.quantize_model(tiny_cnn(), estimator="ste", verbose=False)
     ste.compile(optimizer="sgd", loss=LOSS)  # STE needs no meta optimizer
 
 
@@ -104,7 +97,7 @@ def test_learning_rate_schedule_is_used_in_look_ahead():
     """The look-ahead and r use the optimizer's current scheduled rate."""
     x, y = _data(8)
     sched = keras.optimizers.schedules.ExponentialDecay(0.1, 1, 0.5)
-    q = mqk.quantize_model(_cnn(), meta_network="fc_grad", verbose=False)
+    q = mqk.quantize_model(tiny_cnn(), meta_network="fc_grad", verbose=False)
     q.compile(optimizer=keras.optimizers.SGD(sched), meta_optimizer=keras.optimizers.SGD(0.0),
               loss=LOSS)
     slot = q.wrappers[1].slots[0]
@@ -123,7 +116,7 @@ def test_run_eagerly_matches_graph():
     results = []
     for eager in (False, True):
         keras.utils.set_random_seed(5)
-        q = mqk.quantize_model(_cnn(), meta_network="lstmfc", verbose=False)
+        q = mqk.quantize_model(tiny_cnn(), meta_network="lstmfc", verbose=False)
         q.compile(optimizer=keras.optimizers.SGD(0.05), meta_optimizer=mqk.PaperAdam(),
                   loss=LOSS, run_eagerly=eager)
         q.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
@@ -171,7 +164,7 @@ def test_training_does_not_write_nan_on_finite_data():
 @pytest.mark.parametrize("semantics", ["code", "paper"])
 def test_frozen_quantized_layer_is_left_alone(semantics):
     x, y = _data(16)
-    q = mqk.quantize_model(_cnn(), semantics=semantics, verbose=False)
+    q = mqk.quantize_model(tiny_cnn(), semantics=semantics, verbose=False)
     q.wrappers[0].trainable = False
     q.compile(optimizer=keras.optimizers.SGD(0.1), meta_optimizer=mqk.PaperAdam(),
               loss=LOSS)

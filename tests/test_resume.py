@@ -22,6 +22,8 @@ import pytest
 
 import mq_keras as mqk
 
+from tiny_models import tiny_cnn
+
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 BATCH = 8
 N = 32
@@ -59,19 +61,10 @@ def _data():
 X, Y = _data()
 
 
-def _cnn():
-    inp = keras.Input((8, 8, 1))
-    x = keras.layers.Conv2D(4, 3, name="c1")(inp)
-    x = keras.layers.BatchNormalization(name="bn")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Flatten()(x)
-    return keras.Model(inp, keras.layers.Dense(3, name="fc")(x), name="cnn")
-
-
 def _build(case, seed):
     kwargs, optimizer = CASES[case]
     keras.utils.set_random_seed(seed)
-    q = mqk.quantize_model(_cnn(), verbose=False, **kwargs)
+    q = mqk.quantize_model(tiny_cnn(), verbose=False, **kwargs)
     q.compile(optimizer=optimizer(),
               meta_optimizer=mqk.PaperAdam(1e-3) if q.estimator == "metaquant" else None,
               loss=LOSS)  # no compiled metrics: each costs tracing time

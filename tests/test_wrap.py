@@ -9,6 +9,8 @@ import mq_keras as mqk
 from mq_keras.layers import MetaQuantWrapper
 from mq_keras.quantizers import Quantizer
 
+from tiny_models import tiny_cnn
+
 
 class _Identity(Quantizer):
     """Test-only quantizer: W_hat = W_tilde = W."""
@@ -68,17 +70,8 @@ def test_wrapped_layer_uses_quantized_kernels(make, shape):
     np.testing.assert_allclose(y, reference(x), rtol=1e-5, atol=1e-5)
 
 
-def _cnn():
-    inp = keras.Input((8, 8, 1))
-    x = keras.layers.Conv2D(4, 3, name="c1")(inp)
-    x = keras.layers.BatchNormalization(name="bn")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Flatten()(x)
-    return keras.Model(inp, keras.layers.Dense(3, name="fc")(x), name="cnn")
-
-
 def test_input_model_untouched_and_weights_copied():
-    model = _cnn()
+    model = tiny_cnn()
     x = np.random.default_rng(2).normal(size=(4, 8, 8, 1)).astype("float32")
     before = [w.copy() for w in model.get_weights()]
     q = mqk.quantize_model(model, verbose=False)
@@ -98,7 +91,7 @@ def test_input_model_untouched_and_weights_copied():
 
 
 def test_all_supported_layers_are_wrapped_first_and_last_included(capsys):
-    q = mqk.quantize_model(_cnn())
+    q = mqk.quantize_model(tiny_cnn())
     assert [w.layer.name for w in q.wrappers] == ["c1", "fc"]
     out = capsys.readouterr().out
     assert "left float" in out and "bn" in out
@@ -118,14 +111,14 @@ def test_nested_sequential_and_functional():
 
 
 def test_filters_by_name_and_callable():
-    q = mqk.quantize_model(_cnn(), filters=["fc"], verbose=False)
+    q = mqk.quantize_model(tiny_cnn(), filters=["fc"], verbose=False)
     assert [w.layer.name for w in q.wrappers] == ["fc"]
-    q = mqk.quantize_model(_cnn(), filters=lambda l: l.name != "fc", verbose=False)
+    q = mqk.quantize_model(tiny_cnn(), filters=lambda l: l.name != "fc", verbose=False)
     assert [w.layer.name for w in q.wrappers] == ["c1"]
     with pytest.raises(ValueError, match="not in model"):
-        mqk.quantize_model(_cnn(), filters=["nope"])
+        mqk.quantize_model(tiny_cnn(), filters=["nope"])
     with pytest.raises(ValueError, match="No layer"):
-        mqk.quantize_model(_cnn(), filters=lambda l: False)
+        mqk.quantize_model(tiny_cnn(), filters=lambda l: False)
 
 
 class _Subclassed(keras.Model):
@@ -147,7 +140,7 @@ class _Subclassed(keras.Model):
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        mqk.quantize_model(_cnn(), **kwargs)
+        mqk.quantize_model(tiny_cnn(), **kwargs)
 
 
 def test_bad_models():
@@ -157,7 +150,7 @@ def test_bad_models():
         mqk.quantize_model(sub)
     with pytest.raises(ValueError, match="not built"):
         mqk.quantize_model(keras.Sequential([keras.layers.Dense(2)]))
-    q = mqk.quantize_model(_cnn(), verbose=False)
+    q = mqk.quantize_model(tiny_cnn(), verbose=False)
     with pytest.raises(ValueError, match="already a MetaQuantModel"):
         mqk.quantize_model(q)
     with pytest.raises(ValueError, match="already contains MetaQuantWrapper"):
@@ -170,7 +163,7 @@ def test_bad_models():
 
 
 def test_ste_alias_and_quantizer_options():
-    q = mqk.quantize_model(_cnn(), meta_network="ste", kernel_quantizer="bwn",
+    q = mqk.quantize_model(tiny_cnn(), meta_network="ste", kernel_quantizer="bwn",
                            quantizer_options={"per_channel": True}, verbose=False)
     assert q.estimator == "ste" and q.meta_network is None
     assert q.wrappers[0].kernel_quantizer.per_channel
@@ -178,21 +171,21 @@ def test_ste_alias_and_quantizer_options():
 
 def test_multifc_with_signed_w_tilde_warns():
     with pytest.warns(UserWarning, match="reverses"):
-        mqk.quantize_model(_cnn(), kernel_quantizer="bwn", meta_network="multifc",
+        mqk.quantize_model(tiny_cnn(), kernel_quantizer="bwn", meta_network="multifc",
                            verbose=False)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        mqk.quantize_model(_cnn(), kernel_quantizer="dorefa", meta_network="multifc",
+        mqk.quantize_model(tiny_cnn(), kernel_quantizer="dorefa", meta_network="multifc",
                            verbose=False)
-        mqk.quantize_model(_cnn(), kernel_quantizer="bwn", meta_network="gain_mlp",
+        mqk.quantize_model(tiny_cnn(), kernel_quantizer="bwn", meta_network="gain_mlp",
                            verbose=False)
 
 
 def test_ste_wrappers_keep_no_metaquant_state():
     """The STE needs no dL/dW_hat, W_tilde or r: 3 floats per weight saved."""
-    model = _cnn()
+    model = tiny_cnn()
     ste = mqk.quantize_model(model, estimator="ste", verbose=False)
     meta = mqk.quantize_model(model, verbose=False)
     assert all(not w.record_state and not w.non_trainable_weights
