@@ -220,3 +220,21 @@ def test_issue_example_with_tf_data(tmp_path):
     qmodel.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), pred)
+
+
+def test_ste_step_equals_plain_keras_fit_of_the_same_wrappers():
+    """estimator='ste' is Keras' own step (guarded): same weights as model.fit."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, size=64)
+    base = tiny_cnn()
+    ours = mqk.quantize_model(base, estimator="ste", verbose=False)
+    plain = mqk.quantize_model(base, estimator="ste", verbose=False).quantized_model
+    ours.compile(optimizer=keras.optimizers.SGD(0.05), loss=LOSS)
+    plain.compile(optimizer=keras.optimizers.SGD(0.05), loss=LOSS)
+    ours.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    plain.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    for a, b in zip(ours.quantized_model.trainable_variables, plain.trainable_variables):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(plain.trainable_variables[0]),
+                           np.asarray(base.trainable_variables[0]))
