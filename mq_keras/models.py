@@ -373,6 +373,24 @@ class MetaQuantModel(keras.Model):
             grads.append(tape.gradient(r, v))
         return grads
 
+    def _look_ahead_grads(self, tape, scaled_loss, scaling, records, looks, others):
+        """Gradients of the look-ahead forward (both semantics).
+
+        Returns `(w_tildes, g_what, g_look, g_other)`: W_tilde of every slot;
+        dL/dW_hat of every slot and dL/dV of every look-ahead, summed over
+        replicas (in one all-reduce) as they become MetaQuant state; and the
+        per-replica gradients of the other variables (None where unused).
+        """
+        w_tildes = [records[id(s.variable)][0] for _, s in self._slots]
+        w_hats = [records[id(s.variable)][1] for _, s in self._slots]
+        grads = scaling.unscale(tape.gradient(scaled_loss, w_hats + looks + others))
+        n_s, n_k = len(w_hats), len(looks)
+        reduced = distribute.all_reduce_sum(
+            [ops.zeros_like(t) if g is None else g
+             for g, t in zip(grads[:n_s + n_k], w_hats + looks)]
+        )
+        return w_tildes, reduced[:n_s], reduced[n_s:], grads[n_s + n_k:]
+
     @staticmethod
     def _all_finite(tensors):
         checks = [ops.all(ops.isfinite(t)) for t in tensors if t is not None]
@@ -501,7 +519,8 @@ class MetaQuantModel(keras.Model):
         phi = self.meta_network.trainable_variables
         saved = self._forward_state()
         app = self._meta_application()
-        ms = [self._split(app.m)[i] for i in active]
+        m_all = self._split(app.m)
+        ms = [m_all[i] for i in active]
 
         with tf.GradientTape() as tape:
             latents, looks, calibs = {}, [], []
@@ -521,17 +540,9 @@ class MetaQuantModel(keras.Model):
             y_pred, loss, records = self._forward_loss(x, y, sample_weight, latents)
             scaled_loss = scaling.scale(loss)
 
-        w_tildes = [records[id(s.variable)][0] for _, s in self._slots]
-        w_hats = [records[id(s.variable)][1] for _, s in self._slots]
-        grads = scaling.unscale(tape.gradient(scaled_loss, w_hats + looks + others))
-        n_k, n_s = len(kernels), len(self._slots)
-        g_what = [ops.zeros_like(s.variable) if g is None else g
-                  for g, (_, s) in zip(grads[:n_s], self._slots)]
-        g_look = [ops.zeros_like(v) if g is None else g
-                  for g, v in zip(grads[n_s:n_s + n_k], kernels)]
-        g_other = grads[n_s + n_k:]
-        g_what = distribute.all_reduce_sum(g_what)
-        g_look = distribute.all_reduce_sum(g_look)
+        w_tildes, g_what, g_look, g_other = self._look_ahead_grads(
+            tape, scaled_loss, scaling, records, looks, others)
+        n_k = len(kernels)
         # dL/dphi through V = W - lr * calib * m: dL/dm = -lr * calib * dL/dV.
         # Built from all-reduced dL/dV, so the same on every replica.
         g_phi = app.vjp(self._cotangent(
@@ -606,7 +617,8 @@ class MetaQuantModel(keras.Model):
         saved = self._forward_state()
 
         app = self._meta_application()
-        ms = [self._split(app.m)[i] for i in active]
+        m_all = self._split(app.m)
+        ms = [m_all[i] for i in active]
         calibs = [
             w.kernel_quantizer.calibration(ops.convert_to_tensor(s.variable),
                                            s.channel_axes)
@@ -635,17 +647,8 @@ class MetaQuantModel(keras.Model):
             tape.watch(looks)
             y_pred, loss, records = self._forward_loss(x, y, sample_weight, latents)
             scaled_loss = scaling.scale(loss)
-        w_tildes = [records[id(s.variable)][0] for _, s in self._slots]
-        w_hats = [records[id(s.variable)][1] for _, s in self._slots]
-        grads = scaling.unscale(tape.gradient(scaled_loss, w_hats + looks + others))
-        n_k, n_s = len(kernels), len(self._slots)
-        g_what = [ops.zeros_like(s.variable) if g is None else g
-                  for g, (_, s) in zip(grads[:n_s], self._slots)]
-        g_look = [ops.zeros_like(v) if g is None else g
-                  for g, v in zip(grads[n_s:n_s + n_k], kernels)]
-        g_other = grads[n_s + n_k:]
-        g_what = distribute.all_reduce_sum(g_what)
-        g_look = distribute.all_reduce_sum(g_look)
+        w_tildes, g_what, g_look, g_other = self._look_ahead_grads(
+            tape, scaled_loss, scaling, records, looks, others)
 
         # Eq. 8: the meta network's output at this step's (dL/dW_hat, W_tilde)
         # stands in for the STE as dL/dW_tilde when differentiating w.r.t. phi.
