@@ -7,9 +7,11 @@ kernel `W_hat` into two stages, because MetaQuant needs the value in between:
 * `quantize(W_tilde) -> W_hat = Q(W_tilde)`, a step function whose backward is
   a straight-through estimator (STE) written with `tf.custom_gradient`.
 
-`calibration(W)` is `dW_hat/dW` under the STE *without* the gate, treated as a
-constant. MetaQuant multiplies its meta network's output by it to obtain the
-gradient it feeds to the base optimizer (METAQUANT.md sections 1 and 3).
+`calibration(W)` is `dW_tilde/dW`, treated as a constant. MetaQuant multiplies
+its meta network's output by it to obtain the gradient it feeds to the base
+optimizer (METAQUANT.md sections 1 and 3). For DoReFa and uniform it equals the
+STE's `dW_hat/dW` without the gate; BWN and ternary follow the official code,
+whose STE gradient carries the scale alpha while their calib is 1.
 
 `channel_axes` names the axes of the kernel that index output channels (the
 wrapper knows them per layer type). Per-channel statistics reduce over every
@@ -67,8 +69,11 @@ def _check_flag(name, option, value):
     return bool(value)
 
 
-def _ste(forward, gate=None, slope=1.0):
+def _ste(forward, gate=None, slope=None):
     """Returns `x -> forward(x)` whose gradient is `slope * dy [* gate(x)]`.
+
+    `slope` is a Python float or a constant tensor broadcastable to `x` (BWN's
+    and TWN's alpha); `None` means 1.
 
     `tf.custom_gradient` keeps the forward value bit-exact (the
     `x + stop_gradient(q - x)` trick would round), which export relies on.
@@ -79,7 +84,7 @@ def _ste(forward, gate=None, slope=1.0):
         y = forward(x)
 
         def grad(dy):
-            g = dy if slope == 1.0 else slope * dy
+            g = dy if slope is None else ops.cast(slope, dy.dtype) * dy
             if gate is None:
                 return g
             return g * ops.cast(gate(x), dy.dtype)
@@ -220,9 +225,17 @@ class BWN(Quantizer):
     store; exact zeros are measure-zero in training, so this only matters
     for hand-made kernels, and it keeps every kernel on two levels.
 
-    Backward (STE with the hard-tanh gate): `dL/dW = dL/dW_hat * 1[|W| <= 1]`.
+    Backward (STE with the hard-tanh gate), as the official code computes it
+    (`alpha * Function_BWN(W)` with alpha detached and the STE on the sign
+    alone): `dL/dW = alpha * dL/dW_hat * 1[|W| <= 1]`.
 
-    calib: 1.
+    calib: 1, as in the official code, so MetaQuant's update of W is
+    `calib * m = m`: the meta output replaces the STE gradient *without* the
+    alpha that the STE carries. The alpha still enters the meta step through
+    the look-ahead: the code semantics back-propagates the loss through
+    `V = W - lr * m` and this STE, so `dL/dm = -lr * alpha * dL/dW_hat(V) *
+    1[|V| <= 1]`; the paper semantics' Eq. 8 uses `calib(V) * m` as dL/dV
+    and so sees no alpha at all.
 
     Args:
         num_bits: must be 1.
@@ -249,9 +262,12 @@ class BWN(Quantizer):
 
     def quantize(self, w_tilde, channel_axes=(-1,)):
         alpha = ops.stop_gradient(self._alpha(w_tilde, channel_axes))
+        # W_hat = alpha * sign(W): the STE replaces d sign/dW by the gate, so
+        # the gradient keeps the factor alpha.
         fn = _ste(
             lambda x: ops.where(x >= 0, alpha, -alpha),
             gate=lambda x: ops.abs(x) <= 1.0,
+            slope=alpha,
         )
         return fn(w_tilde)
 
@@ -276,9 +292,12 @@ class Ternary(Quantizer):
     Statistics are per tensor, or per output channel with `per_channel=True`,
     under stop_gradient.
 
-    Backward (STE): `dL/dW = dL/dW_hat`.
+    Backward (STE on the ternary function t(W) in {-1, 0, 1}, the same
+    convention as BWN): `dL/dW = alpha * dL/dW_hat * 1[|W| <= 1]`.
+    Per-channel alphas scale each channel's gradient by its own alpha; a
+    channel with no weight above delta has alpha = 0 and gets no gradient.
 
-    calib: 1.
+    calib: 1 (as BWN: MetaQuant's update of W is the meta output itself).
 
     Args:
         num_bits: must be 2 (three levels stored in two bits).
@@ -308,7 +327,12 @@ class Ternary(Quantizer):
         count = ops.sum(mask, axis=axes, keepdims=True)
         total = ops.sum(a * mask, axis=axes, keepdims=True)
         alpha = total / ops.maximum(count, 1.0)
-        fn = _ste(lambda x: alpha * ops.sign(x) * mask)
+        # W_hat = alpha * t(W); the STE passes dL/dt = alpha * dL/dW_hat.
+        fn = _ste(
+            lambda x: alpha * ops.sign(x) * mask,
+            gate=lambda x: ops.abs(x) <= 1.0,
+            slope=alpha,
+        )
         return fn(w_tilde)
 
     @property

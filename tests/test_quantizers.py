@@ -6,9 +6,11 @@ quantizer docstrings, in float64, without calling the library:
 * DoReFa: `t = tanh(W)`, `W_tilde = t / (2 max|t|) + 1/2`,
   `W_hat = 2 round((2^k - 1) W_tilde) / (2^k - 1) - 1`;
   STE backward `dL/dW = (1 - t^2) / max|t| * dL/dW_hat`.
-* BWN: `W_hat = mean|W| * sign(W)`, gate `|W| <= 1`.
+* BWN: `W_hat = alpha sign(W)`, `alpha = mean|W|`; backward as the official
+  code, `dL/dW = alpha * dL/dW_hat * 1[|W| <= 1]`.
 * Ternary: `delta = 0.7 mean|W|`, `alpha = mean(|W| : |W| > delta)`,
-  `W_hat = alpha sign(W) 1[|W| > delta]`, identity backward.
+  `W_hat = alpha sign(W) 1[|W| > delta]`; backward
+  `dL/dW = alpha * dL/dW_hat * 1[|W| <= 1]` (BWN's convention).
 * Uniform: `n = 2^(k-1) - 1`, `s = max|W| / n` (1 for an all-zero channel),
   `W_hat = s round(W / s)`, identity backward.
 
@@ -377,26 +379,61 @@ def test_dorefa_full_chain_grad(k, kernel):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 
+def ref_bwn_alpha(w, channel_axes, per_channel):
+    axes = _stat_axes(w, channel_axes, per_channel)
+    return np.mean(np.abs(w.astype(np.float64)), axis=axes, keepdims=True)
+
+
+def ref_ternary_alpha(w, channel_axes, per_channel):
+    w = w.astype(np.float64)
+    axes = _stat_axes(w, channel_axes, per_channel)
+    a = np.abs(w)
+    mask = a > 0.7 * np.mean(a, axis=axes, keepdims=True)
+    count = np.sum(mask, axis=axes, keepdims=True)
+    return np.sum(a * mask, axis=axes, keepdims=True) / np.maximum(count, 1)
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_bwn_grad_is_gated_upstream(per_channel):
-    shape, axes = KERNELS["conv2d"]
-    q = quantizers.BWN(per_channel=per_channel)
+@pytest.mark.parametrize("name", ["bwn", "ternary"])
+@pytest.mark.parametrize("kernel", ["conv2d", "depthwise", "conv2d_transpose"])
+def test_scaled_sign_grad_carries_alpha_and_gate(name, per_channel, kernel):
+    """The official code's `alpha * Function_BWN(W)`: dL/dW = alpha g 1[|W|<=1]."""
+    shape, axes = KERNELS[kernel]
+    cls = quantizers.BWN if name == "bwn" else quantizers.Ternary
+    q = cls(per_channel=per_channel)
     w = _kernel(shape, axes, seed=2) * 2.0
     w.flat[:4] = [1.0, -1.0, 1.0000001, -1.0000001]  # gate boundary
     up = _upstream(shape)
+    ref_alpha = ref_bwn_alpha if name == "bwn" else ref_ternary_alpha
+    alpha = ref_alpha(w, axes, per_channel)
+    expected = alpha * up * (np.abs(w) <= 1.0)
     for fn in (lambda x: q.quantize(x, axes), lambda x: q(x, axes)):
         got = _grad(fn, w, up)
-        expected = up * (np.abs(w) <= 1.0)
-        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
     assert 0.1 < np.mean(np.abs(w) <= 1.0) < 0.9  # both branches exercised
-    assert got.flat[0] == up.flat[0] and got.flat[2] == 0.0
+    assert got.flat[0] != 0.0 and got.flat[2] == 0.0
+    if per_channel:  # channels have different alphas, so different slopes
+        assert np.unique(np.round(alpha, 6)).size > 1
+
+
+def test_bwn_first_update_matches_reference_scale():
+    """One SGD step of an STE-trained BWN kernel moves by lr * alpha * g.
+
+    The scale the issue measured: without alpha the update was 1/alpha
+    times the official code's in every element.
+    """
+    w = _kernel((3, 3, 2, 4), (-1,), seed=5) * 0.1
+    assert np.all(np.abs(w) <= 1.0)  # every element passes the gate
+    up = _upstream(w.shape, seed=6)
+    q = quantizers.BWN()
+    g = _grad(lambda x: q(x, (-1,)), w, up)
+    alpha = np.mean(np.abs(w.astype(np.float64)))
+    np.testing.assert_allclose(g / up, alpha, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
     "q",
     [
-        quantizers.Ternary(),
-        quantizers.Ternary(per_channel=True),
         quantizers.Uniform(num_bits=2),
         quantizers.Uniform(num_bits=4, per_channel=False),
         quantizers.Uniform(num_bits=8),

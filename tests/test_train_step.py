@@ -29,6 +29,44 @@ def _calib(v):
     return (1 - t**2) / np.abs(t).max()
 
 
+class _DoReFa1:
+    """1-bit DoReFa: W_tilde, W_hat, dL/dV through the STE, calib."""
+
+    name = "dorefa"
+
+    @staticmethod
+    def forward(v):
+        return _dorefa1(v)
+
+    @staticmethod
+    def ste(v, g_what):
+        return _calib(v) * g_what
+
+    calib = staticmethod(_calib)
+
+
+class _BWN:
+    """The official code's BWN: W_hat = alpha sign(V), STE alpha * g * gate,
+    yet calib = 1 (the meta output replaces dL/dW without the alpha)."""
+
+    name = "bwn"
+
+    @staticmethod
+    def forward(v):
+        return v, np.abs(v).mean() * np.where(v >= 0, 1.0, -1.0)
+
+    @staticmethod
+    def ste(v, g_what):
+        return np.abs(v).mean() * g_what * (np.abs(v) <= 1.0)
+
+    @staticmethod
+    def calib(v):
+        return np.ones_like(v)
+
+
+QUANT = {"dorefa": _DoReFa1, "bwn": _BWN}
+
+
 def _forward_grads(x, y, w_hat, b):
     """Loss, dL/dW_hat and dL/db of mean softmax cross-entropy."""
     logits = x @ w_hat + b
@@ -71,12 +109,13 @@ class _State:
         self.w2 = rng.uniform(-0.5, 0.5, size=(H, 1))
 
 
-def _build(s, semantics, opt):
+def _build(s, semantics, opt, quant="dorefa"):
     inp = keras.Input((IN,))
     out = keras.layers.Dense(OUT, name="fc")(inp)
     model = keras.Model(inp, out)
     model.get_layer("fc").set_weights([s.w, s.b])
-    q = mqk.quantize_model(model, meta_network="fc_grad", semantics=semantics,
+    q = mqk.quantize_model(model, kernel_quantizer=quant,
+                           meta_network="fc_grad", semantics=semantics,
                            meta_network_options={"hidden_size": H}, verbose=False)
     q.meta_network.w1.assign(s.w1)
     q.meta_network.w2.assign(s.w2)
@@ -93,45 +132,48 @@ def _build(s, semantics, opt):
     return q, w
 
 
-def _expected_code(s, opt):
+def _expected_code(s, opt, q=_DoReFa1):
     k = (s.w1 @ s.w2).item()
     m = k * s.prev_g
     v = s.w - LR * s.prev_r
     bv = s.b - LR * s.prev_rb
-    wt, w_hat = _dorefa1(v)
+    wt, w_hat = q.forward(v)
     loss, g_what, g_b = _forward_grads(s.x, s.y, w_hat, bv)
-    dl_dv = _calib(v) * g_what
-    dl_dm = dl_dv * (-LR * _calib(s.w))
+    dl_dv = q.ste(v, g_what)
+    dl_dm = dl_dv * (-LR * q.calib(s.w))
     gw1, gw2 = _fc_grad_meta_grads(dl_dm.reshape(-1, 1), s.prev_g.reshape(-1, 1), s.w1, s.w2)
-    w_new = _base_step(s.w, _calib(s.w) * m, opt)
+    w_new = _base_step(s.w, q.calib(s.w) * m, opt)
     b_new = _base_step(s.b, g_b, opt)
     return dict(loss=loss, w=w_new, b=b_new, w1=s.w1 - META_LR * gw1,
                 w2=s.w2 - META_LR * gw2, prev_g=g_what, prev_wt=wt,
                 prev_r=(s.w - w_new) / LR, prev_rb=(s.b - b_new) / LR)
 
 
-def _expected_paper(s, opt):
+def _expected_paper(s, opt, q=_DoReFa1):
     k = (s.w1 @ s.w2).item()
     m = k * s.prev_g
-    w_new = _base_step(s.w, _calib(s.w) * m, opt)
-    wt, w_hat = _dorefa1(w_new)
+    w_new = _base_step(s.w, q.calib(s.w) * m, opt)
+    wt, w_hat = q.forward(w_new)
     loss, g_what, g_b = _forward_grads(s.x, s.y, w_hat, s.b)
-    # Eq. 8: the meta output at (dL/dW_hat, W_tilde) of this step replaces the STE.
-    dl_dv = _calib(w_new) * (k * g_what)
-    dl_dm = dl_dv * (-LR * _calib(s.w))
+    # Eq. 8: the meta output at (dL/dW_hat, W_tilde) of this step replaces the
+    # STE (so BWN's alpha never enters here).
+    dl_dv = q.calib(w_new) * (k * g_what)
+    dl_dm = dl_dv * (-LR * q.calib(s.w))
     gw1, gw2 = _fc_grad_meta_grads(dl_dm.reshape(-1, 1), s.prev_g.reshape(-1, 1), s.w1, s.w2)
     b_new = _base_step(s.b, g_b, opt)
     return dict(loss=loss, w=w_new, b=b_new, w1=s.w1 - META_LR * gw1,
                 w2=s.w2 - META_LR * gw2, prev_g=g_what, prev_wt=wt)
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize(
+    "quant, opt", [("dorefa", "sgd"), ("dorefa", "adam"), ("bwn", "sgd")])
 @pytest.mark.parametrize("semantics", ["code", "paper"])
-def test_one_step_matches_numpy(semantics, opt):
+def test_one_step_matches_numpy(semantics, opt, quant):
     s = _State(np.random.default_rng(7))
-    q, w = _build(s, semantics, opt)
+    q, w = _build(s, semantics, opt, quant)
     logs = q.train_on_batch(s.x.astype("float32"), s.y, return_dict=True)
-    exp = (_expected_code if semantics == "code" else _expected_paper)(s, opt)
+    expected = _expected_code if semantics == "code" else _expected_paper
+    exp = expected(s, opt, QUANT[quant])
     tol = dict(rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(logs["loss"], exp["loss"], **tol)
     np.testing.assert_allclose(logs["meta_loss"], exp["loss"], **tol)
@@ -190,3 +232,31 @@ def test_fc_grad_with_k_one_reproduces_ste():
     # And the weights did move.
     assert not np.allclose(meta.wrappers[1].slots[0].variable.numpy(),
                            net().layers[-1].get_weights()[0])
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_bwn_ste_step_carries_alpha(per_channel):
+    """STE + SGD on BWN moves W by lr * alpha * dL/dW_hat * 1[|W| <= 1]."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(B, IN)).astype("float32")
+    y = rng.integers(0, OUT, size=B)
+    w0 = rng.normal(scale=0.7, size=(IN, OUT))
+    w0[0, 0] = 1.5  # outside the gate
+    b0 = rng.normal(scale=0.1, size=OUT)
+    inp = keras.Input((IN,))
+    model = keras.Model(inp, keras.layers.Dense(OUT, name="fc")(inp))
+    model.get_layer("fc").set_weights([w0, b0])
+    q = mqk.quantize_model(model, kernel_quantizer="bwn", estimator="ste",
+                           quantizer_options={"per_channel": per_channel},
+                           verbose=False)
+    q.compile(optimizer=keras.optimizers.SGD(LR),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.train_on_batch(x, y)
+    axis = 0 if per_channel else None
+    alpha = np.abs(w0).mean(axis=axis, keepdims=per_channel)
+    w_hat = alpha * np.where(w0 >= 0, 1.0, -1.0)
+    _, g_what, _ = _forward_grads(x, y, w_hat, b0)
+    expected = w0 - LR * alpha * g_what * (np.abs(w0) <= 1.0)
+    np.testing.assert_allclose(q.wrappers[0].slots[0].variable.numpy(), expected,
+                               rtol=1e-5, atol=1e-7)
+    assert q.wrappers[0].slots[0].variable.numpy()[0, 0] == np.float32(1.5)
