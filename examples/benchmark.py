@@ -6,7 +6,8 @@ Profiles:
             full-precision weights, 1-bit DoReFa on every layer, short runs of
             STE (paper lr and a 5x lr control), STE+Adam and the meta networks;
             plus MNIST (small CNN from a 1-epoch float start) with DoReFa 1/2/4
-            bits and BWN, SGD and Adam, two seeds; plus TFMOT's QAT when its
+            bits and BWN, SGD and Adam; every configuration with `--seeds`
+            seeds (default 3); plus TFMOT's QAT when its
             venv exists (examples/tfmot_setup.sh).
     full    the paper's Table 1 for a GPU: ResNet20, 100 epochs, lr x0.1 every
             30 epochs, DoReFa and BWN, SGD and Adam, STE / FC-Grad / MultiFC /
@@ -16,8 +17,9 @@ Each run trains in its own child process (so that its peak memory is its own)
 and evaluates the test subset every `eval_every` steps (a "checkpoint"; an
 epoch in the full profile). Reported per group of runs:
 
-* the paper's metric: mean test accuracy over runs x last `last_k` checkpoints,
-  with the population variance in parentheses; and the best accuracy;
+* per seed, the paper's metric (mean test accuracy over the last `last_k`
+  checkpoints); its mean +- sample std over seeds and the per-seed values;
+  the paper's pooled population variance in parentheses; the best accuracy;
 * the median training-step time, as ratios to float and to STE measured in
   the same invocation (medians over steps, runs in sequence on one machine);
 * peak RSS of the run's process.
@@ -51,6 +53,8 @@ flags.DEFINE_string("output_dir", None, "Where results go (default: a new temp d
 flags.DEFINE_string("run_one", None, "Internal: run one JSON spec and print its result.")
 flags.DEFINE_bool("tfmot", True, "Include TFMOT's QAT when .venv-tfmot exists.")
 flags.DEFINE_integer("max_runs", 0, "Run only the first N runs (0: all), for trials.")
+flags.DEFINE_integer("seeds", 3, "Seeds per configuration in the quick profile "
+                     "(accuracy claims need at least 3).", lower_bound=1)
 
 RESULT_TAG = "MQ_BENCH_RESULT "
 
@@ -63,8 +67,8 @@ def _run(task, method, *, quantizer="dorefa", bits=1, optimizer="sgd", lr, seed=
                 optimizer=optimizer, lr=lr, seed=seed, semantics=semantics, **budget)
 
 
-def profile_runs(profile):
-    """The list of run specs of a profile."""
+def profile_runs(profile, seeds=3):
+    """The list of run specs of a profile (`seeds` per configuration in quick)."""
     runs = []
     if profile == "smoke":
         b = dict(steps=4, eval_every=2, batch_size=32, train_limit=256, test_limit=128,
@@ -75,14 +79,15 @@ def profile_runs(profile):
     if profile == "quick":
         c = dict(steps=100, eval_every=25, batch_size=128, train_limit=None,
                  test_limit=1000, last_k=2, pretrain_steps=0)
-        for m in ("float", "ste", "fc_grad", "multifc", "lstmfc", "gain_mlp"):
-            runs.append(_run("cifar10", m, lr=1e-3, **c))
-        runs.append(_run("cifar10", "ste", lr=5e-3, **c))  # the tuned-lr control
-        for m in ("ste", "multifc"):
-            runs.append(_run("cifar10", m, optimizer="adam", lr=1e-3, **c))
         mn = dict(steps=300, eval_every=50, batch_size=64, train_limit=10000,
                   test_limit=5000, last_k=3, pretrain_steps=157)
-        for seed in (0, 1):
+        for seed in range(seeds):
+            for m in ("float", "ste", "fc_grad", "multifc", "lstmfc", "gain_mlp"):
+                runs.append(_run("cifar10", m, lr=1e-3, seed=seed, **c))
+            runs.append(_run("cifar10", "ste", lr=5e-3, seed=seed, **c))  # tuned-lr control
+            for m in ("ste", "multifc"):
+                runs.append(_run("cifar10", m, optimizer="adam", lr=1e-3, seed=seed, **c))
+        for seed in range(seeds):
             runs.append(_run("mnist", "float", lr=0.05, seed=seed, **mn))
             for opt, lr in (("sgd", 0.05), ("adam", 1e-3)):
                 for m in ("ste", "multifc", "gain_mlp"):
@@ -91,11 +96,11 @@ def profile_runs(profile):
             for m in ("fc_grad", "lstmfc"):
                 runs.append(_run("mnist", m, lr=0.05, seed=seed, **mn))
             runs.append(_run("mnist", "multifc", lr=0.05, seed=seed, semantics="paper", **mn))
-        for q, k in (("bwn", 1), ("dorefa", 2), ("dorefa", 4)):
-            for opt, lr in (("sgd", 0.05), ("adam", 1e-3)):
-                for m in ("ste", "multifc", "gain_mlp"):
-                    runs.append(_run("mnist", m, quantizer=q, bits=k, optimizer=opt,
-                                     lr=lr, **mn))
+            for q, k in (("bwn", 1), ("dorefa", 2), ("dorefa", 4)):
+                for opt, lr in (("sgd", 0.05), ("adam", 1e-3)):
+                    for m in ("ste", "multifc", "gain_mlp"):
+                        runs.append(_run("mnist", m, quantizer=q, bits=k, optimizer=opt,
+                                         lr=lr, seed=seed, **mn))
         return runs
     # full: the paper's Table 1 (GPU scale).
     f = dict(steps=100 * 391, eval_every=391, batch_size=128, train_limit=None,
@@ -262,8 +267,8 @@ def run_one(spec, cache_dir):
 
 # ----------------------------------------------------------------------------- tfmot
 
-def tfmot_runs(profile, out_dir):
-    """TFMOT's QAT on the MNIST CNN, from the same float start, if its venv exists."""
+def tfmot_runs(profile, out_dir, seeds=3):
+    """TFMOT's QAT on the MNIST CNN, from the same float starts, if its venv exists."""
     if profile != "quick" or not FLAGS.tfmot:
         return []
     try:
@@ -274,27 +279,30 @@ def tfmot_runs(profile, out_dir):
         print("TFMOT venv absent (run examples/tfmot_setup.sh): peer rows skipped.")
         return []
     results = []
-    spec = dict(task="mnist", seed=0, pretrain_steps=157, train_limit=10000,
-                batch_size=64)
-    model = _float_model(spec, out_dir)
-    init = os.path.join(out_dir, "tfmot_init.npz")
-    tfmot_runner.save_init_weights(model, init)
-    for scheme, bits in (("default8", 8), ("nbit", 4), ("nbit", 2)):
-        try:
-            r = tfmot_runner.run_tfmot(
-                model="small_cnn", dataset="mnist", scheme=scheme, num_bits=bits,
-                epochs=6, steps_per_epoch=50, optimizer="sgd", lr=0.05, batch_size=64,
-                train_limit=10000, test_limit=5000, init_weights=init, timeout=900)
-        except Exception as e:  # a peer failure is a result, not a crash
-            print(f"TFMOT {scheme} {bits}: failed: {e}")
-            continue
-        acc = r.get("test_accuracy_per_epoch") or r.get("accuracy") or []
-        results.append(dict(task="mnist", method=f"tfmot_{scheme}", quantizer="tfmot",
-                            bits=bits, optimizer="sgd", lr=0.05, seed=0, semantics="-",
-                            last_k=3, accuracy=acc, final_accuracy=r.get("final_accuracy"),
-                            best_accuracy=max(acc) if acc else None,
-                            step_seconds=r.get("median_step_seconds") or r.get("step_seconds"),
-                            peak_rss_mib=r.get("peak_rss_mib"), raw=r))
+    for seed in range(seeds):
+        spec = dict(task="mnist", seed=seed, pretrain_steps=157, train_limit=10000,
+                    batch_size=64)
+        model = _float_model(spec, out_dir)
+        init = os.path.join(out_dir, f"tfmot_init_seed{seed}.npz")
+        tfmot_runner.save_init_weights(model, init)
+        for scheme, bits in (("default8", 8), ("nbit", 4), ("nbit", 2)):
+            try:
+                r = tfmot_runner.run_tfmot(
+                    model="small_cnn", dataset="mnist", scheme=scheme, num_bits=bits,
+                    epochs=6, steps_per_epoch=50, optimizer="sgd", lr=0.05, batch_size=64,
+                    train_limit=10000, test_limit=5000, init_weights=init, seed=seed,
+                    timeout=900)
+            except Exception as e:  # a peer failure is a result, not a crash
+                print(f"TFMOT {scheme} {bits} seed {seed}: failed: {e}")
+                continue
+            acc = r.get("test_accuracy_per_epoch") or r.get("accuracy") or []
+            results.append(dict(
+                task="mnist", method=f"tfmot_{scheme}", quantizer="tfmot", bits=bits,
+                optimizer="sgd", lr=0.05, seed=seed, semantics="-", last_k=3, accuracy=acc,
+                final_accuracy=r.get("final_accuracy"),
+                best_accuracy=max(acc) if acc else None,
+                step_seconds=r.get("median_step_seconds") or r.get("step_seconds"),
+                peak_rss_mib=r.get("peak_rss_mib"), raw=r))
     return results
 
 
@@ -306,7 +314,14 @@ def _group_key(r):
 
 
 def summarize(results):
-    """Rows of the paper's metric per group of runs (seeds pooled)."""
+    """One row per configuration, seeds pooled.
+
+    Per seed, the paper's metric: the mean test accuracy over the run's last
+    `last_k` checkpoints. The row gives those values' mean and sample standard
+    deviation over seeds (ddof=1; 0 for one seed), the values themselves, and
+    the paper's own pooled figure: population variance over seeds x last
+    checkpoints.
+    """
     import numpy as np
 
     groups = {}
@@ -320,12 +335,18 @@ def summarize(results):
     rows = []
     for key, rs in groups.items():
         task, q, bits, opt, lr, method, sem = key
+        rs = sorted(rs, key=lambda r: r["seed"])
         lasts = [a for r in rs if r["accuracy"] for a in r["accuracy"][-r["last_k"]:]]
+        per_seed = [100 * float(np.mean(r["accuracy"][-r["last_k"]:]))
+                    for r in rs if r["accuracy"]]
         step = statistics.median([r["step_seconds"] for r in rs if r.get("step_seconds")] or [0])
         rows.append(dict(
             task=task, quantizer=q, bits=bits, optimizer=opt, lr=lr, method=method,
             semantics=sem, runs=len(rs),
             mean_last=100 * float(np.mean(lasts)) if lasts else float("nan"),
+            std_seeds=float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+            per_seed=" / ".join(f"{v:.2f}" for v in per_seed),
+            seeds=" ".join(str(r["seed"]) for r in rs),
             var_last=float(np.var(100 * np.asarray(lasts))) if lasts else float("nan"),
             best=100 * max((r["best_accuracy"] or 0) for r in rs),
             step_ms=1000 * step,
@@ -341,16 +362,16 @@ def summarize(results):
 
 def print_table(rows):
     head = (f"{'task':<8}{'quant':<8}{'bits':>4} {'opt':<5}{'lr':>7} {'method':<15}{'sem':<6}"
-            f"{'runs':>4} {'mean last (var)':>17}{'best':>7}{'ms/step':>9}{'x float':>8}"
-            f"{'x STE':>7}{'RSS MiB':>9}")
+            f"{'runs':>4} {'mean last +- std':>17}{'(var)':>8}{'best':>7}{'ms/step':>9}"
+            f"{'x float':>8}{'x STE':>7}{'RSS MiB':>9}  per seed")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['task']:<8}{r['quantizer']:<8}{r['bits']:>4} {r['optimizer']:<5}{r['lr']:>7g} "
               f"{r['method']:<15}{r['semantics']:<6}{r['runs']:>4} "
-              f"{r['mean_last']:>8.2f} ({r['var_last']:6.2f}){r['best']:>7.2f}"
-              f"{r['step_ms']:>9.1f}{r['x_float']:>8.2f}{r['x_ste']:>7.2f}"
-              f"{r['peak_rss_mib']:>9.0f}")
+              f"{r['mean_last']:>9.2f} +- {r['std_seeds']:5.2f} ({r['var_last']:6.2f})"
+              f"{r['best']:>7.2f}{r['step_ms']:>9.1f}{r['x_float']:>8.2f}{r['x_ste']:>7.2f}"
+              f"{r['peak_rss_mib']:>9.0f}  {r['per_seed']}")
 
 
 def plot(results, out_dir):
@@ -424,7 +445,7 @@ def main(argv):
     if FLAGS.run_one:
         print(RESULT_TAG + json.dumps(run_one(json.loads(FLAGS.run_one), out_dir)))
         return 0
-    runs = profile_runs(FLAGS.profile)
+    runs = profile_runs(FLAGS.profile, FLAGS.seeds)
     if FLAGS.max_runs:
         runs = runs[:FLAGS.max_runs]
     print(f"profile {FLAGS.profile}: {len(runs)} runs -> {out_dir}")
@@ -442,10 +463,11 @@ def main(argv):
               f"seed {spec['seed']}: acc {100 * r['final_accuracy']:.2f} "
               f"(start {100 * r['start_accuracy']:.2f}), {1000 * r['step_seconds']:.1f} ms/step, "
               f"{time.perf_counter() - t:.0f} s", flush=True)
-    results += tfmot_runs(FLAGS.profile, out_dir)
+    results += tfmot_runs(FLAGS.profile, out_dir, FLAGS.seeds)
     rows = summarize(results)
-    print(f"\nResults ({FLAGS.profile} profile, {time.perf_counter() - t0:.0f} s; mean over "
-          "runs x last checkpoints, population variance in parentheses)")
+    print(f"\nResults ({FLAGS.profile} profile, {time.perf_counter() - t0:.0f} s; per seed the "
+          "mean of the last checkpoints; mean +- sample std over seeds; in parentheses the "
+          "paper's population variance over seeds x last checkpoints)")
     print_table(rows)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"profile": FLAGS.profile, "runs": results, "summary": rows}, f)
