@@ -28,7 +28,7 @@ import tensorflow as tf
 from mq_keras import tflite_weights
 from mq_keras.layers import MetaQuantWrapper
 from mq_keras.models import MetaQuantModel, iter_layers
-from mq_keras.wrap import _copy_layer, _is_graph_model
+from mq_keras.cloning import clone_graph, copy_layer, is_graph_model
 
 MODES = ("weights", "int8", "float")
 WEIGHT_DTYPES = ("auto", "int8")
@@ -43,7 +43,7 @@ def _graph_model(model):
             f"Expected a MetaQuantModel or a keras.Model, got "
             f"{type(model).__name__}."
         )
-    if not _is_graph_model(model):
+    if not is_graph_model(model):
         raise ValueError(
             f"Model {model.name!r} is a subclassed {type(model).__name__}; "
             "only Functional and Sequential models (or a MetaQuantModel) can "
@@ -86,17 +86,11 @@ def strip_model(model):
             "nothing to strip. Quantize it with mq_keras.quantize_model first."
         )
 
-    pairs = []
-
-    def clone(layer):
+    def make_layer(layer):
         source = layer.layer if isinstance(layer, MetaQuantWrapper) else layer
-        new = _copy_layer(source)
-        pairs.append((layer, new))
-        return new
+        return copy_layer(source)
 
-    stripped = keras.models.clone_model(
-        inner, clone_function=clone, recursive=True
-    )
+    stripped, pairs = clone_graph(inner, make_layer)
     for old, new in pairs:
         if isinstance(old, MetaQuantWrapper):
             quantized = old.quantized_kernels()

@@ -264,9 +264,16 @@ class MetaQuantWrapper(keras.layers.Wrapper):
                 if ctx is not None
                 else ops.convert_to_tensor(slot.variable)
             )
-            w_tilde, w_hat = self.quantize_kernel(latent, slot)
-            if ctx is not None:
-                ctx.records[id(slot.variable)] = (w_tilde, w_hat)
+            record = ctx.records.get(id(slot.variable)) if ctx is not None else None
+            if record is None:
+                w_tilde, w_hat = self.quantize_kernel(latent, slot)
+                if ctx is not None:
+                    ctx.records[id(slot.variable)] = (w_tilde, w_hat)
+            else:
+                # A shared layer called again in the same forward pass reuses
+                # its W_hat, so the tape's dL/dW_hat sums over every call
+                # (the meta network must see the kernel's whole gradient).
+                w_tilde, w_hat = record
             mapping.append((slot.variable, ops.cast(w_hat, slot.variable.dtype)))
         if ctx is not None and self.bias_variable is not None:
             b = ctx.override(self.bias_variable)

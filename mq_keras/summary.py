@@ -12,6 +12,12 @@ def _count(weights):
     return sum(math.prod(w.shape) for w in weights)
 
 
+def _kernel_count(weights):
+    # "Kernel weights": every variable of rank >= 2 (dense/conv kernels,
+    # embeddings, recurrent kernels); biases and BN vectors are rank 1.
+    return _count([w for w in weights if len(w.shape) >= 2])
+
+
 def summary(model, *, print_fn=print):
     """Prints and returns a per-layer table: quantizer, bits, weights, memory.
 
@@ -26,8 +32,10 @@ def summary(model, *, print_fn=print):
 
     Returns:
         A dict with `layers` (one dict per layer with weights) and the totals
-        `params`, `quantized_params`, `float32_bytes`, `bytes` and
-        `compression` (float32 bytes / bytes).
+        `params`, `quantized_params`, `kernel_params` (weights of rank >= 2:
+        kernels, embeddings), `quantized_fraction` (quantized_params /
+        kernel_params), `float32_bytes`, `bytes` and `compression`
+        (float32 bytes / bytes).
     """
     inner = model.quantized_model if isinstance(model, MetaQuantModel) else model
     if not isinstance(inner, keras.Model):
@@ -58,6 +66,7 @@ def summary(model, *, print_fn=print):
                 "name": layer.name, "type": type(layer.layer).__name__,
                 "quantizer": q.name, "bits": q.num_bits,
                 "params": n_q + n_f, "quantized_params": n_q,
+                "kernel_params": n_q + _kernel_count(rest),
                 "float32_bytes": 4 * (n_q + n_f), "bytes": nbytes,
             })
         elif layer.weights:
@@ -65,11 +74,16 @@ def summary(model, *, print_fn=print):
             rows.append({
                 "name": layer.name, "type": type(layer).__name__,
                 "quantizer": "float", "bits": 32, "params": n,
-                "quantized_params": 0, "float32_bytes": 4 * n, "bytes": 4 * n,
+                "quantized_params": 0, "kernel_params": _kernel_count(layer.weights),
+                "float32_bytes": 4 * n, "bytes": 4 * n,
             })
     totals = {k: sum(r[k] for r in rows)
-              for k in ("params", "quantized_params", "float32_bytes", "bytes")}
+              for k in ("params", "quantized_params", "kernel_params",
+                        "float32_bytes", "bytes")}
     totals["compression"] = totals["float32_bytes"] / max(totals["bytes"], 1)
+    totals["quantized_fraction"] = (
+        totals["quantized_params"] / totals["kernel_params"]
+        if totals["kernel_params"] else 1.0)
     if print_fn is not None:
         header = f"{'layer':<28}{'type':<20} {'quantizer':<10}{'bits':>5}{'params':>11}{'bytes':>12}"
         print_fn(header)
@@ -81,4 +95,5 @@ def summary(model, *, print_fn=print):
         print_fn(f"total params {totals['params']:,} ({totals['quantized_params']:,} "
                  f"quantized); {totals['bytes']:,} bytes vs {totals['float32_bytes']:,} "
                  f"float32: {totals['compression']:.2f}x smaller")
+        print_fn(f"kernel weights quantized: {100 * totals['quantized_fraction']:.1f}%")
     return {"layers": rows, **totals}

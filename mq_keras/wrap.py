@@ -6,34 +6,9 @@ import warnings
 import keras
 
 from mq_keras import meta_networks, quantizers
+from mq_keras.cloning import clone_graph, copy_layer, is_graph_model
 from mq_keras.layers import SUPPORTED_LAYERS, MetaQuantWrapper, is_supported
 from mq_keras.models import ESTIMATORS, SEMANTICS, MetaQuantModel, iter_layers
-
-
-def _is_graph_model(model):
-    # Functional and Sequential models can be cloned layer by layer; a
-    # subclassed model's call() is opaque Python and cannot.
-    return isinstance(model, keras.Sequential) or any(
-        c.__name__ == "Functional" for c in type(model).__mro__
-    )
-
-
-def _copy_layer(layer):
-    """A fresh, unbuilt layer with `layer`'s configuration (weights not copied)."""
-    if isinstance(layer, keras.layers.Lambda):
-        # Lambda.get_config() stores a Python lambda as marshalled bytecode,
-        # which from_config refuses in safe mode (rightly, for files). This
-        # layer is a live object of the caller's: hand its callables to the
-        # new layer directly instead of round-tripping through bytecode.
-        config = layer.get_config()
-        config["function"] = layer.function
-        config["arguments"] = layer.arguments
-        config["mask"] = layer.mask
-        config["output_shape"] = getattr(
-            layer, "_output_shape", config.get("output_shape")
-        )
-        return keras.layers.Lambda(**config)
-    return layer.__class__.from_config(layer.get_config())
 
 
 def _layer_filter(filters, model):
@@ -156,7 +131,7 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
             f"quantize_model expects a built Functional or Sequential "
             f"keras.Model, got {type(model).__name__}."
         )
-    if not _is_graph_model(model):
+    if not is_graph_model(model):
         raise ValueError(
             f"quantize_model supports Functional and Sequential models; "
             f"{model.name!r} is a subclassed {type(model).__name__}, whose "
@@ -226,17 +201,14 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
         )
     selected = _layer_filter(filters, model)
 
-    pairs = []
-
-    def clone(layer):
-        new = _copy_layer(layer)
+    def make_layer(layer):
+        new = copy_layer(layer)
         if is_supported(layer) and selected(layer):
             new = MetaQuantWrapper(new, kernel_quantizer=quantizer,
                                    record_state=estimator == "metaquant")
-        pairs.append((layer, new))
         return new
 
-    cloned = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    cloned, pairs = clone_graph(model, make_layer)
     for old, new in pairs:
         target = new.layer if isinstance(new, MetaQuantWrapper) else new
         target.set_weights(old.get_weights())
