@@ -8,6 +8,8 @@ rather than layers (`x + y`, `x * 2.0`, `keras.ops.mean(x)` applied to
 KerasTensors).
 """
 
+import inspect
+
 import keras
 
 
@@ -42,7 +44,30 @@ def copy_layer(layer):
             layer, "_output_shape", config.get("output_shape")
         )
         return keras.layers.Lambda(**config)
-    return layer.__class__.from_config(layer.get_config())
+    try:
+        return layer.__class__.from_config(layer.get_config())
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise ValueError(
+            f"Cannot copy layer {layer.name!r} ({type(layer).__name__}) from "
+            f"its config: {e}. A subclassed layer or model is copied with "
+            "from_config(get_config()): let __init__ take **kwargs and its own "
+            "arguments as plain values (Keras 3 then writes get_config "
+            "itself), or define get_config/from_config."
+        ) from e
+
+
+def copy_built_layer(layer):
+    """`copy_layer`, built like `layer` (its variables exist; values not copied).
+
+    Layers with several inputs (`MultiHeadAttention`) or a subclassed `build`
+    cannot be built from one input shape; Keras' build config records how
+    `layer` was built, so the copy replays it.
+    """
+    new = copy_layer(layer)
+    config = layer.get_build_config() if layer.built else None
+    if config:
+        new.build_from_config(config)
+    return new
 
 
 def copy_operation(op):
@@ -82,5 +107,26 @@ def clone_graph(model, make_layer):
         pairs.append((node, new))
         return new
 
-    cloned = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    def call(layer, *args, **kwargs):
+        # A wrapper's call takes `mask` for any layer, so Keras records one
+        # on its node; the plain layer it is swapped back for may not.
+        if "mask" in kwargs and not takes_argument(layer.call, "mask"):
+            kwargs.pop("mask")
+        return layer(*args, **kwargs)
+
+    sequential = isinstance(model, keras.Sequential)
+    cloned = keras.models.clone_model(
+        model, clone_function=clone, recursive=True,
+        call_function=None if sequential else call,
+    )
     return cloned, pairs
+
+
+def takes_argument(fn, name):
+    """True if `fn` accepts a keyword argument `name` (or any keyword)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

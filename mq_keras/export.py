@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from mq_keras import tflite_weights
+from mq_keras.tflite_graph import unroll_recurrent
 from mq_keras.layers import MetaQuantWrapper
 from mq_keras.models import MetaQuantModel, iter_layers
 from mq_keras.cloning import clone_graph, copy_layer, is_graph_model
@@ -93,11 +94,7 @@ def strip_model(model):
     stripped, pairs = clone_graph(inner, make_layer)
     for old, new in pairs:
         if isinstance(old, MetaQuantWrapper):
-            quantized = old.quantized_kernels()
-            values = [
-                quantized[v.name] if v.name in quantized else v.numpy()
-                for v in old.layer.weights
-            ]
+            values = old.quantized_weights()
         else:
             values = old.get_weights()
         new.set_weights(values)
@@ -365,6 +362,7 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
             representative_dataset,
             tuple(inputs[0].shape) if len(inputs) == 1 else None,
         )
+    graph = unroll_recurrent(graph)
     flat = _convert(graph)
     if mode == "float":
         return flat

@@ -348,9 +348,11 @@ class MetaQuantModel(keras.Model):
                   if id(s.variable) in base_ids]
         kernel_ids = {id(self._slots[i][1].variable) for i in active}
         others = [v for v in base if id(v) not in kernel_ids]
-        bias_wrappers = [w for w in self.wrappers if w.bias_variable is not None
-                         and id(w.bias_variable) in base_ids]
-        return active, others, bias_wrappers
+        # Every float bias of a leaf with quantized kernels (a Dense's own, an
+        # attention projection's, a recurrent cell's).
+        bias_slots = [b for w in self.wrappers for b in w.bias_slots
+                      if b.prev_update is not None and id(b.variable) in base_ids]
+        return active, others, bias_slots
 
     def _forward_loss(self, x, y, sample_weight, latents):
         with training_context(latents) as ctx:
@@ -409,7 +411,7 @@ class MetaQuantModel(keras.Model):
         MetaQuant's own state is written only after the step is known to be
         finite, so it is left out (it is large: three floats per weight).
         """
-        own = {id(v) for w in self.wrappers for v in w.non_trainable_weights}
+        own = {id(v) for w in self.wrappers for v in w.state_variables}
         variables = [v for v in self.quantized_model.non_trainable_variables
                      if id(v) not in own]
         return variables, [ops.convert_to_tensor(v) + 0 for v in variables]
@@ -513,7 +515,7 @@ class MetaQuantModel(keras.Model):
         scaling = LossScaling(self.optimizer)
         lr = ops.cast(self.optimizer.learning_rate, "float32")
         first = ops.equal(self.meta_step, 0)
-        active, others, bias_wrappers = self._partition()
+        active, others, bias_slots = self._partition()
         slots = [self._slots[i] for i in active]
         kernels = [s.variable for _, s in slots]
         phi = self.meta_network.trainable_variables
@@ -526,17 +528,15 @@ class MetaQuantModel(keras.Model):
             latents, looks, calibs = {}, [], []
             for (w, s), m in zip(slots, ms):
                 W = ops.convert_to_tensor(s.variable)
-                calib = w.kernel_quantizer.calibration(W, s.channel_axes)
+                calib = s.quantizer.calibration(W, s.channel_axes)
                 u = calib * m
                 V = W - lr * (u + ops.stop_gradient(s.prev_update - u))
                 latents[id(s.variable)] = V
                 looks.append(V)
                 calibs.append(calib)
-            for w in bias_wrappers:
-                b = ops.convert_to_tensor(w.bias_variable)
-                latents[id(w.bias_variable)] = b - lr * ops.stop_gradient(
-                    w.bias_prev_update
-                )
+            for bs in bias_slots:
+                b = ops.convert_to_tensor(bs.variable)
+                latents[id(bs.variable)] = b - lr * ops.stop_gradient(bs.prev_update)
             y_pred, loss, records = self._forward_loss(x, y, sample_weight, latents)
             scaled_loss = scaling.scale(loss)
 
@@ -552,7 +552,7 @@ class MetaQuantModel(keras.Model):
             c * ops.stop_gradient(m) + (0.0 if r is None else r)
             for c, m, r in zip(calibs, ms, reg)
         ]
-        bias_vars = [w.bias_variable for w in bias_wrappers]
+        bias_vars = [bs.variable for bs in bias_slots]
         bias_ids = {id(b): i for i, b in enumerate(bias_vars)}
         g_bias = [ops.zeros_like(b) for b in bias_vars]
         for v, g in zip(others, g_other):
@@ -566,8 +566,8 @@ class MetaQuantModel(keras.Model):
             # Iteration 0 updates nothing; its raw STE gradients become r'.
             for (_, s), g in zip(slots, g_look):
                 s.prev_update.assign(g)
-            for w, g in zip(bias_wrappers, g_bias):
-                w.bias_prev_update.assign(g)
+            for bs, g in zip(bias_slots, g_bias):
+                bs.prev_update.assign(g)
 
         def update(g_phi, g_kernel, g_other, new_state):
             # The state first: chunked, it is recomputed, and must see the
@@ -585,8 +585,8 @@ class MetaQuantModel(keras.Model):
                        for b, v in zip(before, tracked)]
             for (_, s), r in zip(slots, updates[:n_k]):
                 s.prev_update.assign(r)
-            for w, r in zip(bias_wrappers, updates[n_k:]):
-                w.bias_prev_update.assign(r)
+            for bs, r in zip(bias_slots, updates[n_k:]):
+                bs.prev_update.assign(r)
 
         finite = distribute.all_replicas(self._all_finite(
             [loss] + g_phi + g_kernel + list(g_other) + g_what + g_look
@@ -620,9 +620,8 @@ class MetaQuantModel(keras.Model):
         m_all = self._split(app.m)
         ms = [m_all[i] for i in active]
         calibs = [
-            w.kernel_quantizer.calibration(ops.convert_to_tensor(s.variable),
-                                           s.channel_axes)
-            for w, s in slots
+            s.quantizer.calibration(ops.convert_to_tensor(s.variable), s.channel_axes)
+            for _, s in slots
         ]
         g_kernel = [
             c * ops.stop_gradient(m) + (0.0 if r is None else r)
@@ -660,8 +659,8 @@ class MetaQuantModel(keras.Model):
         m_now = self._split(m_now)
         # dL/dV := calib(V) * m_now, and dV/dm = -lr * calib(W).
         cotangent = self._cotangent(active, [
-            -lr * c * w.kernel_quantizer.calibration(V, s.channel_axes) * m_now[i]
-            for i, c, (w, s), V in zip(active, calibs, slots, looks)
+            -lr * c * s.quantizer.calibration(V, s.channel_axes) * m_now[i]
+            for i, c, (_, s), V in zip(active, calibs, slots, looks)
         ])
         # Built from all-reduced dL/dW_hat: the same on every replica.
         g_phi = app.vjp(cotangent)

@@ -15,7 +15,10 @@ def _count(weights):
 def _kernel_count(weights):
     # "Kernel weights": every variable of rank >= 2 (dense/conv kernels,
     # embeddings, recurrent kernels); biases and BN vectors are rank 1.
-    return _count([w for w in weights if len(w.shape) >= 2])
+    # A bias is a bias even where it is 2-D (MultiHeadAttention's per-head
+    # biases, GRU's input and recurrent biases).
+    return _count([w for w in weights if len(w.shape) >= 2
+                   and not w.name.endswith("bias")])
 
 
 def summary(model, *, print_fn=print):
@@ -54,17 +57,23 @@ def summary(model, *, print_fn=print):
         if hasattr(layer, "layers") and not isinstance(layer, MetaQuantWrapper):
             continue  # nested model: its layers are listed themselves
         if isinstance(layer, MetaQuantWrapper):
-            q = layer.kernel_quantizer
-            kernels = [s.variable for s in layer.slots]
-            kernel_ids = {id(v) for v in kernels}
+            slots = layer.slots
+            kernel_ids = {id(s.variable) for s in slots}
             rest = [w for w in layer.layer.weights if id(w) not in kernel_ids]
-            n_q = _count(kernels)
-            scales = sum(q.num_scales(s.variable.shape, s.channel_axes) for s in layer.slots)
+            n_q = _count([s.variable for s in slots])
+            scales = sum(s.quantizer.num_scales(s.variable.shape, s.channel_axes)
+                         for s in slots)
             n_f = _count(rest)
-            nbytes = math.ceil(n_q * q.bits_per_weight / 8) + 4 * (scales + n_f)
+            code_bits = sum(math.prod(s.variable.shape) * s.quantizer.bits_per_weight
+                            for s in slots)
+            nbytes = math.ceil(code_bits / 8) + 4 * (scales + n_f)
+            kinds = sorted({(s.quantizer.name, s.quantizer.num_bits) for s in slots})
             rows.append({
                 "name": layer.name, "type": type(layer.layer).__name__,
-                "quantizer": q.name, "bits": q.num_bits,
+                # Per-layer quantizers can mix kinds inside one wrapper.
+                "quantizer": kinds[0][0] if len(kinds) == 1 else "mixed",
+                "bits": (kinds[0][1] if len(kinds) == 1
+                         else "/".join(str(b) for b in sorted({k[1] for k in kinds}))),
                 "params": n_q + n_f, "quantized_params": n_q,
                 "kernel_params": n_q + _kernel_count(rest),
                 "float32_bytes": 4 * (n_q + n_f), "bytes": nbytes,
@@ -90,7 +99,7 @@ def summary(model, *, print_fn=print):
         print_fn("-" * len(header))
         for r in rows:
             print_fn(f"{r['name']:<28}{r['type']:<20} {r['quantizer']:<10}"
-                     f"{r['bits']:>5}{r['params']:>11,}{r['bytes']:>12,}")
+                     f"{str(r['bits']):>5}{r['params']:>11,}{r['bytes']:>12,}")
         print_fn("-" * len(header))
         print_fn(f"total params {totals['params']:,} ({totals['quantized_params']:,} "
                  f"quantized); {totals['bytes']:,} bytes vs {totals['float32_bytes']:,} "

@@ -5,7 +5,9 @@ TFLite's own weight quantization (dynamic range) rescales every kernel to a
 fly, so a k-bit kernel neither keeps its values nor its float arithmetic. This
 module takes the *float* flatbuffer of a stripped model instead (its kernels
 already hold `Q(A(W))`, with BatchNorm folded in by the converter) and, for
-each filter of CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED and TRANSPOSE_CONV:
+each filter of CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, TRANSPOSE_CONV and
+CONV_3D, and each constant operand of BATCH_MATMUL (attention projections)
+and GATHER (embedding tables):
 
 1. finds, per output channel `c`, the smallest integer `M_c` such that every
    value is an integer multiple of `s_c = max|v_c| / M_c` (to float rounding);
@@ -38,6 +40,16 @@ _FILTER_OPS = {
     schema.BuiltinOperator.DEPTHWISE_CONV_2D: (1, 3),
     schema.BuiltinOperator.FULLY_CONNECTED: (1, 0),
     schema.BuiltinOperator.TRANSPOSE_CONV: (1, 0),
+}
+# Ops whose constant input can be stored as codes too ("weights" mode only;
+# the int8 regrid above keeps to the converter's per-channel filters). Axis -1:
+# the tensor's last axis (CONV_3D filters are DHWIO, an Embedding's table is
+# (vocab, features), a MatMul's right operand (in, out)).
+_CODE_OPS = {
+    **_FILTER_OPS,
+    schema.BuiltinOperator.CONV_3D: (1, -1),
+    schema.BuiltinOperator.BATCH_MATMUL: (1, -1),
+    schema.BuiltinOperator.GATHER: (0, -1),
 }
 _MAX_M = 255
 _INT_TOL = 1e-3  # |v * M / a - round(.)|: wrong M gives >= 1/255; rounding ~1e-6
@@ -187,7 +199,7 @@ def store_kernels_as_codes(flatbuffer, *, allow_int4=True):
         done = {}
         new_ops = []
         for op in sg.operators:
-            spec = _FILTER_OPS.get(_op_code(model, op))
+            spec = _CODE_OPS.get(_op_code(model, op))
             if spec is None:
                 continue
             idx, axis = spec
@@ -198,6 +210,9 @@ def store_kernels_as_codes(flatbuffer, *, allow_int4=True):
                 op.inputs[idx] = done[t_index]
                 continue
             tensor = sg.tensors[t_index]
+            if tensor.shape is None or len(tensor.shape) == 0:
+                continue
+            axis %= len(tensor.shape)
             buf = model.buffers[tensor.buffer]
             name = tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
             entry = {"name": name, "op": op_names[_op_code(model, op)],

@@ -5,33 +5,30 @@ import warnings
 
 import keras
 
-from mq_keras import meta_networks, quantizers
-from mq_keras.cloning import clone_graph, copy_layer, is_graph_model
+from mq_keras import kernels, meta_networks, quantizers
+from mq_keras.cloning import clone_graph, copy_built_layer, copy_layer, is_graph_model
+from mq_keras.layer_config import KernelPlan
 from mq_keras.layers import SUPPORTED_LAYERS, MetaQuantWrapper, is_supported
 from mq_keras.models import ESTIMATORS, SEMANTICS, MetaQuantModel, iter_layers
 
 
-def _layer_filter(filters, model):
-    if filters is None:
-        return lambda layer: True
-    if callable(filters):
-        return filters
-    if isinstance(filters, str):
-        filters = [filters]
-    if not isinstance(filters, collections.abc.Iterable):
+def _as_graph(model):
+    """A Functional model calling `model` once (for a subclassed model).
+
+    A subclassed model's call() is opaque, so it is quantized as one unit: a
+    `MetaQuantWrapper` around a copy of it quantizes every kernel it holds.
+    """
+    config = model.get_build_config() if model.built else None
+    shape = (config or {}).get("input_shape")
+    if not (isinstance(shape, (list, tuple)) and shape
+            and all(d is None or isinstance(d, int) for d in shape)):
         raise ValueError(
-            f"filters must be None, a callable `layer -> bool`, a layer name "
-            f"or a collection of layer names, got {filters!r}."
+            f"Subclassed model {model.name!r} must be built on one input "
+            f"tensor before quantize_model (its build config is {config!r}); "
+            "call it once on a batch, e.g. model(x[:1]), or model.build(shape)."
         )
-    names = set(filters)
-    known = {layer.name for layer in iter_layers(model)}
-    unknown = sorted(names - known, key=repr)
-    if unknown:
-        raise ValueError(
-            f"filters names layers that are not in model {model.name!r}: "
-            f"{unknown}. Known layers: {sorted(known)}."
-        )
-    return lambda layer: layer.name in names
+    inputs = keras.Input(batch_shape=(None, *shape[1:]), name="input")
+    return keras.Model(inputs, model(inputs), name=model.name)
 
 
 def _as_options(arg, value, example):
@@ -74,18 +71,26 @@ def _check_meta_options(meta_network, estimator, options):
 
 def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
                    meta_network="multifc", estimator="metaquant",
-                   semantics="code", filters=None, reset_meta_state=False,
+                   semantics="code", filters=None, layer_quantizers=None,
+                   reset_meta_state=False,
                    quantizer_options=None, meta_network_options=None,
                    meta_chunk_size=None, verbose=True):
-    """Returns a `MetaQuantModel` whose Dense/conv kernels are quantized.
+    """Returns a `MetaQuantModel` whose kernels are quantized.
 
     The input model is cloned, never mutated; its weights are copied into the
-    clone. Every supported layer (first and last included, as in the paper)
-    is wrapped in a `MetaQuantWrapper` unless `filters` excludes it; nested
-    Functional/Sequential models are handled. Activations stay float.
+    clone. Every layer of the graph that is or holds a kernel (Dense,
+    convolutions, EinsumDense and so MultiHeadAttention, Embedding,
+    LSTM/GRU/SimpleRNN, user blocks; first and last layer included, as in the
+    paper) is wrapped in a `MetaQuantWrapper` unless `filters` excludes all
+    its kernels; nested Functional/Sequential models are handled. Activations
+    stay float.
 
     Args:
-        model: a built Functional or Sequential Keras model.
+        model: a built Keras model: Functional or Sequential (operation
+            nodes, nested models and shared layers included), or subclassed
+            (built on one input; it must have a working `get_config`, which
+            Keras 3 writes itself when `__init__` takes plain values; it is
+            then quantized as one unit).
         kernel_quantizer: "dorefa" (default), "bwn", "ternary", "uniform", or a
             `Quantizer` instance.
         num_bits: bit width (dorefa 1-8, bwn 1, ternary 2, uniform 2-8);
@@ -94,8 +99,14 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
             `MetaNetwork` instance, or "ste" (same as `estimator="ste"`).
         estimator: "metaquant" (default) or "ste" (plain straight-through).
         semantics: "code" (default, the official code's step) or "paper".
-        filters: which layers to quantize: `None` (all supported), a callable
-            `layer -> bool`, or a collection of layer names.
+        filters: which kernels to quantize: `None` (all), a callable
+            `layer -> bool` (asked about each layer that owns a kernel), or
+            layer names (see `mq_keras.layer_config`).
+        layer_quantizers: per-layer quantizers: `{layer name: value}` or a
+            callable `layer -> value`; a value is a `Quantizer`, a quantizer
+            name, an int (that bit width of `kernel_quantizer`'s kind) or
+            None (leave float). E.g. `{"conv1": 8, "logits": 8}` with
+            `num_bits=2`.
         reset_meta_state: LSTMFC only: zero (h, c) every step.
         quantizer_options: extra quantizer options, e.g.
             `{"per_channel": True}` for bwn / ternary.
@@ -110,7 +121,7 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
         `meta_optimizer`.
 
     Raises:
-        ValueError: subclassed or unbuilt model, a model that is already
+        ValueError: an unbuilt model, a model that is already
             quantized, unknown names, bad bit widths, unknown filter names,
             unknown or ignored options (`meta_network_options` with
             estimator="ste" or with an instance, `reset_meta_state` without
@@ -130,13 +141,6 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
             if isinstance(model, keras.layers.Layer) else
             f"quantize_model expects a built Functional or Sequential "
             f"keras.Model, got {type(model).__name__}."
-        )
-    if not is_graph_model(model):
-        raise ValueError(
-            f"quantize_model supports Functional and Sequential models; "
-            f"{model.name!r} is a subclassed {type(model).__name__}, whose "
-            "layers cannot be cloned from its config. Rebuild it with the "
-            "Functional API (keras.Input + layer calls)."
         )
     if not model.built:
         raise ValueError(
@@ -199,16 +203,22 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
             "'fc_grad' or 'lstmfc'.",
             stacklevel=2,
         )
-    selected = _layer_filter(filters, model)
+    plan = KernelPlan(model, quantizer, filters=filters,
+                      layer_quantizers=layer_quantizers)
 
     def make_layer(layer):
-        new = copy_layer(layer)
-        if is_supported(layer) and selected(layer):
-            new = MetaQuantWrapper(new, kernel_quantizer=quantizer,
-                                   record_state=estimator == "metaquant")
-        return new
+        chosen = plan.quantizers_for(layer) if is_supported(layer) else []
+        if all(q is None for q in chosen):
+            return copy_layer(layer)
+        new = copy_built_layer(layer)
+        keys = [ref.key for ref in kernels.find_kernels(new)]
+        own = {k: q for k, q in zip(keys, chosen) if q is not quantizer}
+        return MetaQuantWrapper(new, kernel_quantizer=quantizer,
+                                kernel_quantizers=own or None,
+                                record_state=estimator == "metaquant")
 
-    cloned, pairs = clone_graph(model, make_layer)
+    graph = model if is_graph_model(model) else _as_graph(model)
+    cloned, pairs = clone_graph(graph, make_layer)
     for old, new in pairs:
         target = new.layer if isinstance(new, MetaQuantWrapper) else new
         target.set_weights(old.get_weights())
@@ -216,6 +226,9 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
     left_float = [
         old.name for old, new in pairs
         if old.weights and not isinstance(new, MetaQuantWrapper)
+    ] + [
+        f"{new.name}/{key}" for _, new in pairs if isinstance(new, MetaQuantWrapper)
+        for key, q in new.kernel_quantizers.items() if q is None
     ]
     if not any(isinstance(new, MetaQuantWrapper) for _, new in pairs):
         raise ValueError(
