@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mq_keras import tflite_weights
+from mq_keras import export_checks, tflite_weights
 from mq_keras.tflite_graph import unroll_recurrent
 from mq_keras.layers import MetaQuantWrapper
 from mq_keras.models import MetaQuantModel, iter_layers
@@ -321,13 +321,23 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
         weight_dtype: "auto" (int4 where it fits, else int8: smallest) or
             "int8" (fastest), for mode="weights".
 
+    Before returning, the file is checked so that no file that crashes a
+    phone leaves here (`export_checks`): in "int8" mode the Keras model first
+    runs on the calibration examples (NaN or Inf activations would give the
+    file infinite quantization scales); then the file's quantization
+    parameters are validated, and a child process loads it, allocates its
+    tensors and runs it once (a segmentation fault kills the child only).
+    This adds under a second (one child process) and, in "int8" mode, one
+    Keras pass over the calibration data.
+
     Returns:
         The TFLite model as `bytes`.
 
     Raises:
         ValueError: unknown `mode` or `weight_dtype`, a dataset missing for
-            (or given to a mode other than) "int8", or a model that cannot be
-            stripped.
+            (or given to a mode other than) "int8", a model that cannot be
+            stripped, NaN/Inf activations on the representative data, or a
+            converted file the interpreter cannot allocate or run.
     """
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; allowed modes are {MODES}.")
@@ -362,7 +372,18 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
             representative_dataset,
             tuple(inputs[0].shape) if len(inputs) == 1 else None,
         )
+        try:
+            export_checks.check_activations(graph, representative)
+        except _RepresentativeDataError as e:  # read by us, not the converter
+            raise ValueError(str(e)) from e.__cause__
     graph = unroll_recurrent(graph)
+    blob = _convert_mode(graph, mode, representative, weight_dtype)
+    export_checks.check_tflite(blob)
+    return blob
+
+
+def _convert_mode(graph, mode, representative, weight_dtype):
+    """The TFLite bytes of a plain Keras model in `mode` (unchecked)."""
     flat = _convert(graph)
     if mode == "float":
         return flat
@@ -522,8 +543,12 @@ def _main(argv=None):
     data = None
     if args.representative_data:
         data = np.load(args.representative_data, allow_pickle=False)
-    blob = convert_to_tflite(model, mode=args.mode, representative_dataset=data,
-                             weight_dtype=args.weight_dtype)
+    try:
+        blob = convert_to_tflite(model, mode=args.mode,
+                                 representative_dataset=data,
+                                 weight_dtype=args.weight_dtype)
+    except ValueError as e:  # a refused model or file: no traceback, no file
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
     with open(args.output, "wb") as f:
         f.write(blob)
     print(f"wrote {args.output}: {len(blob):,} bytes ({args.mode} mode)")
