@@ -11,15 +11,23 @@ that learns the gradient of the quantizer. This example:
 2. quantizes all its kernels (1-bit DoReFa by default) and trains two copies
    from that same start on the same batches: one with the plain STE, one with
    MetaQuant;
-3. prints the test accuracy of all three, the per-layer storage table, and
-   exports the MetaQuant model to TFLite, whose accuracy it measures with the
-   TFLite interpreter.
+3. exports the MetaQuant model to TFLite, whose accuracy it measures with the
+   TFLite interpreter;
+4. repeats 1-3 for `--seeds` seeds (default 3: seeds 0, 1, 2) and prints
+   each run's test accuracy for every seed with the mean +- sample std over
+   seeds, the per-layer storage table and the TFLite files' sizes.
+
+1-bit training at plain SGD is chaotic: one seed's figure says little, and
+the same seed on another machine (other CPU kernels, other float summation
+order) gives another run. On one machine a seeded run is bit-identical from
+process to process (tests/test_determinism.py).
 
 Run:
 
-    python examples/mnist.py                    # 30-90 s on 2 CPU cores
+    python examples/mnist.py                    # 3 seeds; minutes on 2 CPU cores
+    python examples/mnist.py --seeds=1          # seed 0 only
     python examples/mnist.py --epochs=5 --train_samples=60000
-    python examples/mnist.py --smoke            # seconds; what the test runs
+    python examples/mnist.py --smoke --seeds=1  # seconds; what the test runs
 
 Data: MNIST through tensorflow-datasets when a prepared copy is found
 (`TFDS_DATA_DIR`, else `../shared/tensorflow_datasets` beside the repository,
@@ -76,7 +84,12 @@ flags.DEFINE_float("lr", 0.05, "Learning rate of the base optimizer (SGD) "
 flags.DEFINE_float("momentum", 0.0, "Momentum of the base optimizer (0: plain "
                    "SGD, where the paper finds the estimator matters most).")
 flags.DEFINE_float("meta_lr", 1e-3, "Learning rate of the meta optimizer.")
-flags.DEFINE_integer("seed", 0, "Random seed (weights and data order).")
+flags.DEFINE_integer("seed", 0, "First random seed (training subset, "
+                     "weights and data order; the synthetic digits).")
+flags.DEFINE_integer("seeds", 3, "Number of seeds: every run is trained "
+                     "for seeds seed, seed+1, ..., seed+seeds-1, and the "
+                     "results give each seed's accuracy and their mean "
+                     "+- sample std.")
 flags.DEFINE_enum("data", "auto", ["auto", "tfds", "synthetic"],
                   "auto: prepared tfds MNIST if found, else synthetic digits; "
                   "tfds: tfds.load (downloads if needed); synthetic: font digits.")
@@ -208,7 +221,7 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def quantized_run(float_model, estimator, train, test, epochs):
+def quantized_run(float_model, estimator, train, test, epochs, seed):
     """Quantizes `float_model` (a clone) and trains it; returns (model, acc, s)."""
     qmodel = mq_keras.quantize_model(
         float_model, kernel_quantizer=FLAGS.quantizer, num_bits=FLAGS.num_bits,
@@ -221,13 +234,91 @@ def quantized_run(float_model, estimator, train, test, epochs):
         if estimator == "metaquant" else None,
         loss=_loss(), metrics=["accuracy"],
     )
-    keras.utils.set_random_seed(FLAGS.seed + 1)  # same batches for every run
+    keras.utils.set_random_seed(seed + 1)  # same batches for every run
     start = time.perf_counter()
     qmodel.fit(*train, batch_size=FLAGS.batch_size, epochs=epochs,
                verbose=2)
     seconds = time.perf_counter() - start
     _, acc = qmodel.evaluate(*test, batch_size=1000, verbose=0)
     return qmodel, acc, seconds
+
+
+def mean_std(values):
+    """(mean, sample standard deviation) of `values`; the std is 0 for one value."""
+    values = np.asarray(values, "float64")
+    return (float(values.mean()),
+            float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+
+
+def run_seed(seed, data, sizes, out_dir, print_summary):
+    """One seed of the job: float start, STE (and MetaQuant), TFLite export.
+
+    Seeds the training subset, the float model's initial weights and the
+    batch order, so on MNIST `--seed=S --seeds=1` repeats the run of seed S
+    exactly (the synthetic digits are drawn once, from the first seed).
+    Returns a dict of this seed's rows (label -> (accuracy, train seconds or
+    None)) and its TFLite files (mode -> bytes and `verify_tflite` report).
+    """
+    (x_train, y_train), (x_test, y_test) = data
+    train_n, test_n, epochs, pretrain_epochs = sizes
+    train = prepare(x_train, y_train, train_n, seed)
+    test = prepare(x_test, y_test, test_n, seed)
+
+    # 1. Float pretraining: the paper starts from a full-precision model.
+    keras.utils.set_random_seed(seed)
+    float_model = make_model()
+    float_model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_loss(),
+                        metrics=["accuracy"])
+    print(f"\n== Seed {seed}: float pretraining ({pretrain_epochs} epoch(s), "
+          "Adam 1e-3)")
+    start = time.perf_counter()
+    float_model.fit(*train, batch_size=FLAGS.batch_size, epochs=pretrain_epochs,
+                    verbose=2)
+    float_seconds = time.perf_counter() - start
+    _, float_acc = float_model.evaluate(*test, batch_size=1000, verbose=0)
+    print(f"seed {seed}: float test accuracy: {float_acc:.4f}")
+
+    # 2. Quantization-aware training from the same start and the same batches.
+    bits = f"{FLAGS.num_bits}-bit {FLAGS.quantizer}"
+    runs = {}
+    estimators = ["ste"] if FLAGS.estimator == "ste" else ["ste", "metaquant"]
+    for estimator in estimators:
+        name = "STE" if estimator == "ste" else f"MetaQuant ({FLAGS.meta_network})"
+        print(f"\n== Seed {seed}: {name}, {bits}, {epochs} epoch(s), SGD lr "
+              f"{FLAGS.lr} momentum {FLAGS.momentum}"
+              + (f", meta PaperAdam {FLAGS.meta_lr}" if estimator != "ste" else ""))
+        runs[estimator] = quantized_run(float_model, estimator, train, test,
+                                        epochs, seed)
+        print(f"seed {seed}: {name} test accuracy: {runs[estimator][1]:.4f}")
+
+    main_run = "metaquant" if "metaquant" in runs else "ste"
+    qmodel = runs[main_run][0]
+    if print_summary:  # the same for every seed
+        print("\n== Storage of the quantized model")
+        mq_keras.summary(qmodel)
+    qmodel.save(out_dir / f"mnist_{main_run}_seed{seed}.keras")
+
+    # 3. Export to TFLite and measure each file against the Keras model.
+    tflite = {}
+    calibration = train[0][:256]
+    for mode in ("float", "weights", "int8"):
+        path = out_dir / f"mnist_{main_run}_seed{seed}_{mode}.tflite"
+        extra = {"representative_dataset": calibration} if mode == "int8" else {}
+        path.write_bytes(mq_keras.convert_to_tflite(qmodel, mode=mode, **extra))
+        tflite[mode] = {"bytes": path.stat().st_size,
+                        **mq_keras.verify_tflite(qmodel, path.read_bytes(), *test)}
+
+    rows = {"float (pretrained start)": (float_acc, float_seconds)}
+    for estimator, (_, acc, seconds) in runs.items():
+        label = ("STE" if estimator == "ste"
+                 else f"MetaQuant {FLAGS.meta_network}") + f" {bits}"
+        rows[label] = (acc, seconds)
+    label = "MetaQuant" if main_run == "metaquant" else "STE"
+    for mode in ("weights", "int8"):
+        rows[f"{label} TFLite {mode} mode"] = (tflite[mode]["tflite_accuracy"], None)
+    return {"seed": seed, "train_samples": len(train[0]),
+            "test_samples": len(test[0]), "rows": rows, "tflite": tflite,
+            "main_run": main_run}
 
 
 # ----------------------------------------------------------------------------- main
@@ -237,6 +328,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     tf.get_logger().setLevel("ERROR")  # retracing notes of the several fits
     t_start = time.perf_counter()
+    if FLAGS.seeds < 1:
+        raise app.UsageError(f"--seeds={FLAGS.seeds}: pass 1 or more.")
     if FLAGS.smoke:
         train_n, test_n, epochs, pretrain_epochs = 256, 256, 1, 1
         FLAGS.batch_size = min(FLAGS.batch_size, 64)
@@ -245,88 +338,63 @@ def main(argv):
         epochs, pretrain_epochs = FLAGS.epochs, FLAGS.pretrain_epochs
     out_dir = pathlib.Path(FLAGS.output_dir or tempfile.mkdtemp(prefix="mq_mnist_"))
     out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(FLAGS.seed, FLAGS.seed + FLAGS.seeds))
 
     (x_train, y_train), (x_test, y_test), source = load_data(FLAGS.data, FLAGS.seed)
-    train = prepare(x_train, y_train, train_n, FLAGS.seed)
-    test = prepare(x_test, y_test, test_n, FLAGS.seed)
-    print(f"Data: {source}; {len(train[0])} training and {len(test[0])} test "
-          f"examples. Output: {out_dir}")
+    print(f"Data: {source}; {min(train_n or len(x_train), len(x_train))} "
+          f"training and {min(test_n or len(x_test), len(x_test))} test examples; "
+          f"seeds {', '.join(map(str, seeds))}. Output: {out_dir}")
 
-    # 1. Float pretraining: the paper starts from a full-precision model.
-    keras.utils.set_random_seed(FLAGS.seed)
-    float_model = make_model()
-    float_model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_loss(),
-                        metrics=["accuracy"])
-    print(f"\n== Float pretraining ({pretrain_epochs} epoch(s), Adam 1e-3)")
-    start = time.perf_counter()
-    float_model.fit(*train, batch_size=FLAGS.batch_size, epochs=pretrain_epochs,
-                    verbose=2)
-    float_seconds = time.perf_counter() - start
-    _, float_acc = float_model.evaluate(*test, batch_size=1000, verbose=0)
-    print(f"float test accuracy: {float_acc:.4f}")
-
-    # 2. Quantization-aware training from the same start and the same batches.
-    bits = f"{FLAGS.num_bits}-bit {FLAGS.quantizer}"
-    runs = {}
-    estimators = ["ste"] if FLAGS.estimator == "ste" else ["ste", "metaquant"]
-    for estimator in estimators:
-        name = "STE" if estimator == "ste" else f"MetaQuant ({FLAGS.meta_network})"
-        print(f"\n== {name}, {bits}, {epochs} epoch(s), SGD lr {FLAGS.lr} "
-              f"momentum {FLAGS.momentum}"
-              + (f", meta PaperAdam {FLAGS.meta_lr}" if estimator != "ste" else ""))
-        runs[estimator] = quantized_run(float_model, estimator, train, test, epochs)
-        print(f"{name} test accuracy: {runs[estimator][1]:.4f}")
-
-    main_run = "metaquant" if "metaquant" in runs else "ste"
-    qmodel = runs[main_run][0]
-    print("\n== Storage of the quantized model")
-    mq_keras.summary(qmodel)
-    qmodel.save(out_dir / f"mnist_{main_run}.keras")
-
-    # 3. Export to TFLite and measure each file against the Keras model.
-    sizes, reports = {}, {}
-    calibration = train[0][:256]
-    for mode in ("float", "weights", "int8"):
-        path = out_dir / f"mnist_{main_run}_{mode}.tflite"
-        extra = {"representative_dataset": calibration} if mode == "int8" else {}
-        path.write_bytes(mq_keras.convert_to_tflite(qmodel, mode=mode, **extra))
-        sizes[mode] = path.stat().st_size
-        reports[mode] = mq_keras.verify_tflite(qmodel, path.read_bytes(), *test)
-
+    per_seed = [
+        run_seed(seed, ((x_train, y_train), (x_test, y_test)),
+                 (train_n, test_n, epochs, pretrain_epochs), out_dir,
+                 print_summary=seed == seeds[0])
+        for seed in seeds
+    ]
     total = time.perf_counter() - t_start
-    rows = [("float (pretrained start)", float_acc, float_seconds)]
-    for estimator, (_, acc, seconds) in runs.items():
-        label = ("STE" if estimator == "ste"
-                 else f"MetaQuant {FLAGS.meta_network}") + f" {bits}"
-        rows.append((label, acc, seconds))
-    label = "MetaQuant" if main_run == "metaquant" else "STE"
-    for mode in ("weights", "int8"):
-        rows.append((f"{label} TFLite {mode} mode", reports[mode]["tflite_accuracy"], None))
-    print(f"\n== Results ({source}; {len(train[0])} train / {len(test[0])} test "
-          f"examples; seed {FLAGS.seed})")
-    print(f"{'run':<40}{'test acc':>10}{'train s':>10}")
-    print("-" * 60)
-    for label, acc, seconds in rows:
-        secs = f"{seconds:10.1f}" if seconds is not None else f"{'-':>10}"
-        print(f"{label:<40}{acc:>10.4f}{secs}")
-    print("-" * 60)
-    print(f"{'TFLite file':<14}{'bytes':>10}{'x float':>9}{'top-1 agree':>13}"
-          f"{'max |dlogit|':>14}")
+
+    first = per_seed[0]
+    seed_cols = "".join(f"{f'seed {s}':>9}" for s in seeds)
+    width = 40 + len(seed_cols) + 18 + 10
+    print(f"\n== Results ({source}; {first['train_samples']} train / "
+          f"{first['test_samples']} test examples; seeds "
+          f"{', '.join(map(str, seeds))})")
+    print(f"{'run':<40}{seed_cols}{'mean +- std':>18}{'train s':>10}")
+    print("-" * width)
+    summary = {}
+    for label in first["rows"]:
+        accs = [r["rows"][label][0] for r in per_seed]
+        secs = [r["rows"][label][1] for r in per_seed]
+        mean, std = mean_std(accs)
+        summary[label] = {"mean": mean, "std": std, "per_seed": accs}
+        secs = (f"{np.mean(secs):10.1f}" if secs[0] is not None else f"{'-':>10}")
+        print(f"{label:<40}{''.join(f'{a:>9.4f}' for a in accs)}"
+              f"{f'{mean:.4f} +- {std:.4f}':>18}{secs}")
+    print("-" * width)
+    print(f"(mean +- sample std over {len(seeds)} seed(s); train s: mean per seed)")
+    print(f"{'TFLite file':<14}{'seed':>6}{'bytes':>10}{'x float':>9}"
+          f"{'top-1 agree':>13}{'max |dlogit|':>14}")
     for mode in ("float", "weights", "int8"):
-        r = reports[mode]
-        print(f"{mode:<14}{sizes[mode]:>10,}{sizes[mode] / sizes['float']:>9.3f}"
-              f"{r['top1_agreement']:>13.4f}{r['max_abs_diff']:>14.2e}")
+        for r in per_seed:
+            t = r["tflite"]
+            print(f"{mode:<14}{r['seed']:>6}{t[mode]['bytes']:>10,}"
+                  f"{t[mode]['bytes'] / t['float']['bytes']:>9.3f}"
+                  f"{t[mode]['top1_agreement']:>13.4f}"
+                  f"{t[mode]['max_abs_diff']:>14.2e}")
     print(f"Total time: {total:.1f} s. Files in {out_dir}")
 
     results = {
-        "data": source, "train_samples": len(train[0]),
-        "test_samples": len(test[0]), "seed": FLAGS.seed,
+        "data": source, "train_samples": first["train_samples"],
+        "test_samples": first["test_samples"], "seeds": seeds,
         "quantizer": FLAGS.quantizer, "num_bits": FLAGS.num_bits,
         "meta_network": FLAGS.meta_network, "semantics": FLAGS.semantics,
         "epochs": epochs, "lr": FLAGS.lr, "momentum": FLAGS.momentum,
-        "meta_lr": FLAGS.meta_lr, "float_accuracy": float_acc,
-        "accuracy": {k: v[1] for k, v in runs.items()},
-        "tflite": {m: {"bytes": sizes[m], **reports[m]} for m in sizes},
+        "meta_lr": FLAGS.meta_lr,
+        "accuracy": summary,
+        "per_seed": [{"seed": r["seed"],
+                      "accuracy": {k: v[0] for k, v in r["rows"].items()},
+                      "train_seconds": {k: v[1] for k, v in r["rows"].items()},
+                      "tflite": r["tflite"]} for r in per_seed],
         "seconds": total,
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))

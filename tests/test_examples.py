@@ -1,28 +1,49 @@
 """Runs the example scripts end to end in their --smoke mode."""
 
+import json
 import pathlib
+import re
 
 import pytest
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("data", ["auto", "synthetic"])
-def test_mnist_smoke(tmp_path, data, run_python):
+# One seed on MNIST (when prepared), two on the synthetic digits: the
+# per-seed columns and the mean +- std over seeds.
+@pytest.mark.parametrize("data,seeds", [("auto", 1), ("synthetic", 2)])
+def test_mnist_smoke(tmp_path, data, seeds, run_python):
     result = run_python(_REPO / "examples" / "mnist.py", "--smoke",
-                        f"--data={data}", f"--output_dir={tmp_path}",
-                        cwd=tmp_path, timeout=600)
+                        f"--data={data}", f"--seeds={seeds}",
+                        f"--output_dir={tmp_path}", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "== Results" in out
+    header = "run" + "".join(rf"\s+seed {s}" for s in range(seeds))
+    assert re.search(header + r"\s+mean \+- std\s+train s", out), out[-3000:]
+    accuracy = r"\s+(\d\.\d{4})"
     for row in ("float (pretrained start)", "STE 1-bit dorefa",
                 "MetaQuant multifc 1-bit dorefa",
-                "MetaQuant TFLite weights mode", "MetaQuant TFLite int8 mode",
-                "TFLite file"):
-        assert row in out, out[-3000:]
+                "MetaQuant TFLite weights mode", "MetaQuant TFLite int8 mode"):
+        # The row's per-seed accuracies, then their mean +- sample std.
+        match = re.search(re.escape(row) + accuracy * seeds
+                          + r"\s+(\d\.\d{4}) \+- (\d\.\d{4})", out)
+        assert match, (row, out[-3000:])
+        values = [float(v) for v in match.groups()]
+        per_seed, mean, std = values[:seeds], values[-2], values[-1]
+        assert abs(mean - sum(per_seed) / seeds) <= 1.5e-4, (row, values)
+        assert (std > 0) == (len(set(per_seed)) > 1), (row, values)
+    assert f"(mean +- sample std over {seeds} seed(s)" in out
+    assert "TFLite file" in out
     if data == "synthetic":
         assert "SYNTHETIC" in out
-    for name in ("results.json", "mnist_metaquant.keras",
-                 "mnist_metaquant_weights.tflite",
-                 "mnist_metaquant_float.tflite"):
-        assert (tmp_path / name).is_file(), name
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["seeds"] == list(range(seeds))
+    assert [r["seed"] for r in results["per_seed"]] == list(range(seeds))
+    assert len(results["accuracy"]["STE 1-bit dorefa"]["per_seed"]) == seeds
+    for seed in range(seeds):
+        for name in (f"mnist_metaquant_seed{seed}.keras",
+                     f"mnist_metaquant_seed{seed}_weights.tflite",
+                     f"mnist_metaquant_seed{seed}_float.tflite",
+                     f"mnist_metaquant_seed{seed}_int8.tflite"):
+            assert (tmp_path / name).is_file(), name
