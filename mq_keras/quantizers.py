@@ -26,6 +26,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from mq_keras import gradients
+
 _PACKAGE = "mq_keras"
 _TINY = float(np.finfo(np.float32).tiny)
 
@@ -69,11 +71,12 @@ def _check_flag(name, option, value):
     return bool(value)
 
 
-def _ste(forward, gate=None, slope=None):
-    """Returns `x -> forward(x)` whose gradient is `slope * dy [* gate(x)]`.
+def _ste(forward, gate=None, slope=None, factor=None):
+    """Returns `x -> forward(x)` whose gradient is `slope * dy [* gate(x)] [* factor(x, dy)]`.
 
     `slope` is a Python float or a constant tensor broadcastable to `x` (BWN's
-    and TWN's alpha); `None` means 1.
+    and TWN's alpha); `None` means 1. `factor` is a backward rule other than
+    the STE (`mq_keras.gradients`: EWGS, ApproxSign).
 
     `tf.custom_gradient` keeps the forward value bit-exact (the
     `x + stop_gradient(q - x)` trick would round), which export relies on.
@@ -85,6 +88,8 @@ def _ste(forward, gate=None, slope=None):
 
         def grad(dy):
             g = dy if slope is None else ops.cast(slope, dy.dtype) * dy
+            if factor is not None:
+                g = g * ops.cast(factor(x, dy), dy.dtype)
             if gate is None:
                 return g
             return g * ops.cast(gate(x), dy.dtype)
@@ -102,6 +107,11 @@ class Quantizer:
 
     Args:
         num_bits: bit width of the quantized weight.
+        gradient: the backward rule: "ste" (default), "ewgs" or, at 1 bit,
+            "approx_sign" (`mq_keras.gradients`; each subclass says which it
+            defines).
+        delta: EWGS' scaling factor (gradient="ewgs" only), in the
+            discretizer's domain.
     """
 
     #: String name accepted by `get`.
@@ -109,8 +119,24 @@ class Quantizer:
     #: Allowed `num_bits` values.
     allowed_bits = ()
 
-    def __init__(self, *, num_bits):
+    def __init__(self, *, num_bits, gradient="ste", delta=0.0):
         self.num_bits = _check_bits(type(self).__name__, num_bits, self.allowed_bits)
+        self.gradient, self.delta = gradients.check(
+            type(self).__name__, gradient, delta, allowed=self.gradients())
+
+    def gradients(self):
+        """The backward rules this quantizer defines at its bit width."""
+        return ("ste",)
+
+    def _rule_config(self):
+        # Only non-default rules are written, so configs (and files) of STE
+        # quantizers stay as they were.
+        if self.gradient == "ste":
+            return {}
+        out = {"gradient": self.gradient}
+        if self.delta:
+            out["delta"] = self.delta
+        return out
 
     def __call__(self, w, channel_axes=(-1,)):
         """Returns `Q(A(w))` with the STE backward."""
@@ -128,6 +154,10 @@ class Quantizer:
         """Returns `calib(W)`, broadcastable to `W`, as a constant."""
         return ops.ones((), dtype=w.dtype)
 
+    def discretizer_step(self, w_tilde, channel_axes=(-1,)):
+        """`dW_hat / dx_q`: how the discretizer's domain maps onto `W_hat` (EWGS)."""
+        raise ValueError(f"{type(self).__name__} defines no EWGS domain.")
+
     @property
     def num_levels(self):
         """Maximum number of distinct values per output channel."""
@@ -143,7 +173,7 @@ class Quantizer:
         return 1
 
     def get_config(self):
-        return {"num_bits": self.num_bits}
+        return {"num_bits": self.num_bits, **self._rule_config()}
 
     @classmethod
     def from_config(cls, config):
@@ -179,12 +209,34 @@ class DoReFa(Quantizer):
     calib: `(1 - tanh(W)^2) / max|tanh(W)|`, so `calib * dL/dW_hat` is the
     exact STE gradient of `W`.
 
+    Other backward rules (`gradient=`), in the domain `x = W_tilde`,
+    `x_q = round(n * W_tilde) / n`, `n = 2^k - 1`:
+    "ewgs": `dL/dW_tilde = 2 * dL/dW_hat * (1 + delta * sign(dL/dW_hat) *
+    (x - x_q))`; "approx_sign" (k = 1): `dL/dW_tilde = 2 * dL/dW_hat *
+    (2 - 2|u|)` with `u = 2 * W_tilde - 1` in [-1, 1].
+
     Args:
         num_bits: 1 to 8.
+        gradient: "ste" (default), "ewgs", or "approx_sign" at 1 bit.
+        delta: EWGS' delta.
     """
 
     name = "dorefa"
     allowed_bits = tuple(range(1, 9))
+
+    def __init__(self, *, num_bits=1, gradient="ste", delta=0.0):
+        super().__init__(num_bits=num_bits, gradient=gradient, delta=delta)
+
+    def gradients(self):
+        return ("ste", "ewgs", "approx_sign") if self.num_bits == 1 else ("ste", "ewgs")
+
+    def _factor(self, n):
+        if self.gradient == "ewgs":
+            delta = self.delta
+            return lambda x, dy: gradients.ewgs_factor(dy, x - ops.round(n * x) / n, delta)
+        if self.gradient == "approx_sign":
+            return lambda x, dy: gradients.approx_sign_factor(2.0 * x - 1.0)
+        return None
 
     def pre_quantize(self, w, channel_axes=(-1,)):
         t = ops.tanh(w)
@@ -200,15 +252,17 @@ class DoReFa(Quantizer):
         # on the smallest 6-bit level); the numerator is an exact odd integer,
         # so each level is the float32 nearest to odd/n, as export stores it.
         # d/dx with round's STE derivative 1 is 2.
-        return _ste(lambda x: (2.0 * ops.round(n * x) - n) / n, slope=2.0)(
-            w_tilde
-        )
+        return _ste(lambda x: (2.0 * ops.round(n * x) - n) / n, slope=2.0,
+                    factor=self._factor(n))(w_tilde)
 
     def calibration(self, w, channel_axes=(-1,)):
         t = ops.tanh(w)
         max_t = ops.max(ops.abs(t))
         max_t = ops.where(max_t > 0, max_t, ops.ones_like(max_t))
         return ops.stop_gradient((1.0 - ops.square(t)) / max_t)
+
+    def discretizer_step(self, w_tilde, channel_axes=(-1,)):
+        return 2.0  # W_hat = 2 * x_q - 1
 
     def num_scales(self, kernel_shape, channel_axes=(-1,)):
         return 0  # levels are fixed odd multiples of 1/(2^k - 1)
@@ -237,16 +291,22 @@ class BWN(Quantizer):
     1[|V| <= 1]`; the paper semantics' Eq. 8 uses `calib(V) * m` as dL/dV
     and so sees no alpha at all.
 
+    gradient="approx_sign": the gate and slope 1 become ApproxSign's
+    `2 - 2|u|` on `u = W / max|W|` (per tensor, or per channel with
+    `per_channel`), so `dL/dW = alpha * dL/dW_hat * (2 - 2|u|)`: the
+    normalized input makes the surrogate independent of the weights' scale.
+
     Args:
         num_bits: must be 1.
         per_channel: one alpha per output channel instead of per tensor.
+        gradient: "ste" (default) or "approx_sign".
     """
 
     name = "bwn"
     allowed_bits = (1,)
 
-    def __init__(self, *, num_bits=1, per_channel=False):
-        super().__init__(num_bits=num_bits)
+    def __init__(self, *, num_bits=1, per_channel=False, gradient="ste", delta=0.0):
+        super().__init__(num_bits=num_bits, gradient=gradient, delta=delta)
         self.per_channel = _check_flag(
             type(self).__name__, "per_channel", per_channel
         )
@@ -254,21 +314,26 @@ class BWN(Quantizer):
     def pre_quantize(self, w, channel_axes=(-1,)):
         return w
 
-    def _alpha(self, x, channel_axes):
+    def gradients(self):
+        return ("ste", "approx_sign")
+
+    def _alpha(self, x, channel_axes, reduce=ops.mean):
         if self.per_channel:
             axes = _reduce_axes(len(x.shape), channel_axes)
-            return ops.mean(ops.abs(x), axis=axes, keepdims=True)
-        return ops.mean(ops.abs(x))
+            return reduce(ops.abs(x), axis=axes, keepdims=True)
+        return reduce(ops.abs(x))
 
     def quantize(self, w_tilde, channel_axes=(-1,)):
         alpha = ops.stop_gradient(self._alpha(w_tilde, channel_axes))
+        forward = lambda x: ops.where(x >= 0, alpha, -alpha)  # noqa: E731
+        if self.gradient == "approx_sign":
+            top = ops.stop_gradient(self._alpha(w_tilde, channel_axes, ops.max))
+            top = ops.where(top > 0, top, ops.ones_like(top))
+            return _ste(forward, slope=alpha,
+                        factor=lambda x, dy: gradients.approx_sign_factor(x / top))(w_tilde)
         # W_hat = alpha * sign(W): the STE replaces d sign/dW by the gate, so
         # the gradient keeps the factor alpha.
-        fn = _ste(
-            lambda x: ops.where(x >= 0, alpha, -alpha),
-            gate=lambda x: ops.abs(x) <= 1.0,
-            slope=alpha,
-        )
+        fn = _ste(forward, gate=lambda x: ops.abs(x) <= 1.0, slope=alpha)
         return fn(w_tilde)
 
     @property
@@ -279,7 +344,8 @@ class BWN(Quantizer):
         return _num_channels(kernel_shape, channel_axes) if self.per_channel else 1
 
     def get_config(self):
-        return {"num_bits": self.num_bits, "per_channel": self.per_channel}
+        return {"num_bits": self.num_bits, "per_channel": self.per_channel,
+                **self._rule_config()}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -307,8 +373,8 @@ class Ternary(Quantizer):
     name = "ternary"
     allowed_bits = (2,)
 
-    def __init__(self, *, num_bits=2, per_channel=False):
-        super().__init__(num_bits=num_bits)
+    def __init__(self, *, num_bits=2, per_channel=False, gradient="ste", delta=0.0):
+        super().__init__(num_bits=num_bits, gradient=gradient, delta=delta)
         self.per_channel = _check_flag(
             type(self).__name__, "per_channel", per_channel
         )
@@ -343,7 +409,8 @@ class Ternary(Quantizer):
         return _num_channels(kernel_shape, channel_axes) if self.per_channel else 1
 
     def get_config(self):
-        return {"num_bits": self.num_bits, "per_channel": self.per_channel}
+        return {"num_bits": self.num_bits, "per_channel": self.per_channel,
+                **self._rule_config()}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -355,20 +422,24 @@ class Uniform(Quantizer):
     `W_hat = s * round(W / s)` (round half to even), in {-n*s, ..., n*s}.
     The range covers max|W|, so nothing is clipped.
 
-    Backward (STE): `dL/dW = dL/dW_hat`.
+    Backward (STE): `dL/dW = dL/dW_hat`. With gradient="ewgs", in the
+    domain of steps `x = W / s`, `x_q = round(x)`:
+    `dL/dW = dL/dW_hat * (1 + delta * sign(dL/dW_hat) * (x - x_q))`.
 
     calib: 1.
 
     Args:
         num_bits: 2 to 8.
         per_channel: one scale per output channel (default) or per tensor.
+        gradient: "ste" (default) or "ewgs".
+        delta: EWGS' delta.
     """
 
     name = "uniform"
     allowed_bits = tuple(range(2, 9))
 
-    def __init__(self, *, num_bits, per_channel=True):
-        super().__init__(num_bits=num_bits)
+    def __init__(self, *, num_bits, per_channel=True, gradient="ste", delta=0.0):
+        super().__init__(num_bits=num_bits, gradient=gradient, delta=delta)
         self.per_channel = _check_flag(
             type(self).__name__, "per_channel", per_channel
         )
@@ -393,7 +464,18 @@ class Uniform(Quantizer):
 
     def quantize(self, w_tilde, channel_axes=(-1,)):
         s = self.scale(w_tilde, channel_axes)
-        return _ste(lambda x: s * ops.round(x / s))(w_tilde)
+        factor = None
+        if self.gradient == "ewgs":
+            delta = self.delta
+            factor = lambda x, dy: gradients.ewgs_factor(  # noqa: E731
+                dy, x / s - ops.round(x / s), delta)
+        return _ste(lambda x: s * ops.round(x / s), factor=factor)(w_tilde)
+
+    def gradients(self):
+        return ("ste", "ewgs")
+
+    def discretizer_step(self, w_tilde, channel_axes=(-1,)):
+        return self.scale(w_tilde, channel_axes)  # W_hat = s * x_q
 
     @property
     def num_levels(self):
@@ -403,7 +485,8 @@ class Uniform(Quantizer):
         return _num_channels(kernel_shape, channel_axes) if self.per_channel else 1
 
     def get_config(self):
-        return {"num_bits": self.num_bits, "per_channel": self.per_channel}
+        return {"num_bits": self.num_bits, "per_channel": self.per_channel,
+                **self._rule_config()}
 
 
 def _num_channels(shape, channel_axes):
@@ -502,6 +585,23 @@ def get(identifier, *, num_bits=None, **options):
     elif cls is Uniform:
         kwargs["num_bits"] = 8
     return cls(**kwargs)
+
+
+def with_gradient(quantizer, gradient):
+    """`quantizer` with its backward rule set to `gradient` (a new instance).
+
+    Raises:
+        ValueError: the quantizer does not define that rule, or already uses
+            another one.
+    """
+    config = quantizer.get_config()
+    if quantizer.gradient not in ("ste", gradient):
+        raise ValueError(
+            f"{quantizer!r} already uses gradient={quantizer.gradient!r}; "
+            f"estimator={gradient!r} would replace it. Pass one of them."
+        )
+    config["gradient"] = gradient
+    return type(quantizer).from_config(config)
 
 
 def serialize(quantizer):

@@ -5,7 +5,7 @@ import warnings
 
 import keras
 
-from mq_keras import kernels, meta_networks, quantizers
+from mq_keras import gradients, kernels, meta_networks, quantizers
 from mq_keras.cloning import clone_graph, copy_built_layer, copy_layer, is_graph_model
 from mq_keras.layer_config import KernelPlan
 from mq_keras.layers import SUPPORTED_LAYERS, MetaQuantWrapper, is_supported
@@ -97,7 +97,9 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
             `None` takes the quantizer's default (dorefa 1, uniform 8).
         meta_network: "multifc" (default), "fc_grad", "lstmfc", "gain_mlp", a
             `MetaNetwork` instance, or "ste" (same as `estimator="ste"`).
-        estimator: "metaquant" (default) or "ste" (plain straight-through).
+        estimator: "metaquant" (default), "ste" (plain straight-through), or
+            a hand-designed rule trained like the STE: "ewgs" (set its delta
+            with `quantizer_options={"delta": ...}`) or "approx_sign" (1 bit).
         semantics: "code" (default, the official code's step) or "paper".
         filters: which kernels to quantize: `None` (all), a callable
             `layer -> bool` (asked about each layer that owns a kernel), or
@@ -154,9 +156,15 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
         )
     if meta_network == "ste":
         estimator = "ste"
+    rule = None
+    if estimator in gradients.GRADIENTS[1:]:
+        # A hand-designed backward rule is the STE step with the quantizer's
+        # own backward replaced (mq_keras.gradients).
+        rule, estimator = estimator, "ste"
     if estimator not in ESTIMATORS:
         raise ValueError(
-            f"Unknown estimator {estimator!r}; allowed values are {ESTIMATORS}."
+            f"Unknown estimator {estimator!r}; allowed values are "
+            f"{ESTIMATORS + gradients.GRADIENTS[1:]}."
         )
     if semantics not in SEMANTICS:
         raise ValueError(
@@ -175,9 +183,13 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
         "meta_network_options", meta_network_options, "{'hidden_size': 50}"
     )
     _check_meta_options(meta_network, estimator, meta_network_options)
+    if rule is not None and isinstance(kernel_quantizer, str):
+        quantizer_options.setdefault("gradient", rule)
     quantizer = quantizers.get(
         kernel_quantizer, num_bits=num_bits, **quantizer_options
     )
+    if rule is not None:
+        quantizer = quantizers.with_gradient(quantizer, rule)
     meta = None
     if estimator == "metaquant":
         meta = meta_networks.get(meta_network, **meta_network_options)
