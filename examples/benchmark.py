@@ -9,6 +9,12 @@ Profiles:
             bits and BWN, SGD and Adam; every configuration with `--seeds`
             seeds (default 3); plus TFMOT's QAT when its
             venv exists (examples/tfmot_setup.sh).
+    strong  issue 12's fair protocol: every estimator (STE, EWGS with a fixed
+            and a Hessian-rule delta, ApproxSign at 1 bit, the meta networks)
+            under one sweep of SGD, SGD+momentum and Adam learning rates,
+            `--seeds` seeds, MNIST and CIFAR-10 ResNet20 (`--cifar_steps`) at
+            DoReFa 1/2/4 bits and BWN; prints each method's best of sweep
+            (examples/sweep.py). Hours on 2 cores: a GPU job, or `--tasks`.
     full    the paper's Table 1 for a GPU: ResNet20, 100 epochs, lr x0.1 every
             30 epochs, DoReFa and BWN, SGD and Adam, STE / FC-Grad / MultiFC /
             LSTMFC / GainMLP, 5 seeds.
@@ -47,8 +53,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 
+import sweep  # noqa: E402
+
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("profile", "quick", ["smoke", "quick", "full"], "Which runs.")
+flags.DEFINE_enum("profile", "quick", ["smoke", "quick", "strong", "full"], "Which runs.")
+flags.DEFINE_integer("cifar_steps", 1200, "Training steps of each CIFAR-10 run in the "
+                     "strong profile (391 = one epoch at batch 128).", lower_bound=1)
 flags.DEFINE_string("output_dir", None, "Where results go (default: a new temp dir).")
 flags.DEFINE_string("run_one", None, "Internal: run one JSON spec and print its result.")
 flags.DEFINE_bool("tfmot", True, "Include TFMOT's QAT when .venv-tfmot exists.")
@@ -74,9 +84,16 @@ def profile_runs(profile, seeds=3):
     if profile == "smoke":
         b = dict(steps=4, eval_every=2, batch_size=32, train_limit=256, test_limit=128,
                  last_k=2, pretrain_steps=4)
-        for m in ("float", "ste", "multifc", "gain_mlp"):
+        for m in ("float", "ste", "multifc", "gain_mlp") + sweep.HAND_METHODS:
             runs.append(_run("mnist", m, lr=0.05, **b))
         return runs
+    if profile == "strong":
+        return sweep.strong_runs(
+            _run, seeds=seeds, cifar_steps=FLAGS.cifar_steps if FLAGS.is_parsed() else 1200,
+            mnist_budget=dict(steps=300, eval_every=50, batch_size=64, train_limit=10000,
+                              test_limit=5000, last_k=3, pretrain_steps=157),
+            cifar_budget=dict(eval_every=100, batch_size=128, train_limit=None,
+                              test_limit=1000, last_k=3, pretrain_steps=0))
     if profile == "quick":
         c = dict(steps=100, eval_every=25, batch_size=128, train_limit=None,
                  test_limit=1000, last_k=2, pretrain_steps=0)
@@ -213,6 +230,33 @@ def _meta_function(qmodel):
     return {"g": g.tolist(), "w_tilde": wt.tolist(), "m": m.tolist(), "g_rms": rms}
 
 
+def _quantized(spec, model, train, loss):
+    """The quantized model of a run: STE, a hand-designed rule or a meta network."""
+    import mq_keras
+
+    method = spec["method"]
+    common = dict(kernel_quantizer=spec["quantizer"], num_bits=spec["bits"],
+                  semantics=spec["semantics"], verbose=False)
+    if method == "ste":
+        return mq_keras.quantize_model(model, estimator="ste", **common)
+    if method in sweep.HAND_METHODS:
+        rule = "approx_sign" if method == "approx_sign" else "ewgs"
+        options = {"delta": sweep.EWGS_DELTA[spec["quantizer"]]} if method == "ewgs" else None
+        net = mq_keras.quantize_model(model, estimator=rule, quantizer_options=options, **common)
+        if method != "ewgs_hessian":
+            return net
+        # The paper's rule on the first training batch, then one delta per layer.
+        x, y = next(iter(train))
+        deltas = mq_keras.ewgs.hessian_deltas(net, x, y, loss=loss)
+        per_layer = {
+            w.layer.name: mq_keras.quantizers.get(spec["quantizer"], num_bits=spec["bits"],
+                                                  gradient="ewgs", delta=deltas[(w.name, "kernel")])
+            for w in net.wrappers}
+        return mq_keras.quantize_model(model, estimator="ewgs", layer_quantizers=per_layer, **common)
+    return mq_keras.quantize_model(model, meta_network=method, estimator="metaquant",
+                                   meta_network_options={"seed": spec["seed"]}, **common)
+
+
 def run_one(spec, cache_dir):
     """Trains one configuration; returns its result dict."""
     import keras
@@ -228,19 +272,16 @@ def run_one(spec, cache_dir):
     lr = spec["lr"]
     if spec.get("decay_every"):
         lr = zoo.step_decay(lr, spec["decay_every"], every_epochs=1)
-    opt = zoo.make_optimizer(spec["optimizer"], lr)
+    momentum = 0.9 if spec["optimizer"] == "sgdm" else 0.0
+    opt = zoo.make_optimizer("sgd" if momentum else spec["optimizer"], lr, momentum=momentum)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     if spec["method"] == "float":
         net = model
         net.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
     else:
-        est = "ste" if spec["method"] == "ste" else "metaquant"
-        net = mq_keras.quantize_model(
-            model, kernel_quantizer=spec["quantizer"], num_bits=spec["bits"],
-            meta_network="multifc" if est == "ste" else spec["method"],
-            estimator=est, semantics=spec["semantics"], verbose=False,
-            meta_network_options={"seed": spec["seed"]} if est != "ste" else None)
-        net.compile(optimizer=opt, meta_optimizer=mq_keras.PaperAdam(1e-3) if est != "ste" else None,
+        net = _quantized(spec, model, train, loss)
+        meta = net.meta_network is not None
+        net.compile(optimizer=opt, meta_optimizer=mq_keras.PaperAdam(1e-3) if meta else None,
                     loss=loss, metrics=["accuracy"])
     start_acc = float(net.evaluate(xte, yte, batch_size=500, verbose=0, return_dict=True)["accuracy"])
     timer = _StepTimer()
@@ -261,7 +302,7 @@ def run_one(spec, cache_dir):
                   diverged=not np.isfinite(hist.history["loss"][-1]))
     if "meta_grad_ratio" in hist.history:
         result["meta_grad_ratio"] = [float(v) for v in hist.history["meta_grad_ratio"]]
-    if spec["method"] not in ("float", "ste"):
+    if net is not model and net.meta_network is not None:
         result["meta_function"] = _meta_function(net)
     return result
 
@@ -354,7 +395,7 @@ def summarize(results):
             x_float=step / ref[(task, "float")] if ref.get((task, "float")) else float("nan"),
             x_ste=step / ref[(task, "ste")] if ref.get((task, "ste")) else float("nan"),
             peak_rss_mib=max((r.get("peak_rss_mib") or 0) for r in rs)))
-    order = ["float", "ste", "fc_grad", "multifc", "lstmfc", "gain_mlp"]
+    order = ["float", "ste", *sweep.HAND_METHODS, "fc_grad", "multifc", "lstmfc", "gain_mlp"]
     rows.sort(key=lambda r: (r["task"], r["quantizer"], r["bits"], r["optimizer"], r["lr"],
                              order.index(r["method"]) if r["method"] in order else 99,
                              r["semantics"]))
@@ -475,6 +516,8 @@ def main(argv):
           "mean of the last checkpoints; mean +- sample std over seeds; in parentheses the "
           "paper's population variance over seeds x last checkpoints)")
     print_table(rows)
+    if FLAGS.profile == "strong":
+        sweep.print_best(rows)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"profile": FLAGS.profile, "runs": results, "summary": rows}, f)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:

@@ -34,6 +34,42 @@ def test_profiles_are_well_formed():
     assert all(r["steps"] == 100 * r["eval_every"] for r in full)
 
 
+def test_strong_profile_gives_every_method_the_same_sweep():
+    import benchmark
+    import sweep
+
+    strong = benchmark.profile_runs("strong")
+    assert {r["task"] for r in strong} == {"mnist", "cifar10"}
+    assert {r["optimizer"] for r in strong} == {"sgd", "sgdm", "adam"}
+    grids = {}
+    for r in strong:
+        key = (r["task"], r["quantizer"], r["bits"])
+        grids.setdefault(key, {}).setdefault(r["method"], set()).add(
+            (r["optimizer"], r["lr"], r["seed"]))
+    for (task, q, bits), by_method in grids.items():
+        assert set(by_method) == set(sweep.methods_for(q, bits))
+        assert "ste" in by_method and len(by_method) >= 4
+        first = next(iter(by_method.values()))
+        assert len(first) == 3 * 3 * 3  # 3 optimizers x 3 lrs x 3 seeds
+        assert all(grid == first for grid in by_method.values())  # the same sweep
+    assert ("dorefa", 1) in {(q, b) for _, q, b in grids}
+    assert all("approx_sign" in m for (_, _, b), m in grids.items() if b == 1)
+
+
+def test_best_of_sweep_picks_each_methods_best_configuration():
+    import sweep
+
+    def row(method, opt, lr, mean, std):
+        return dict(task="mnist", quantizer="dorefa", bits=1, method=method, optimizer=opt,
+                    lr=lr, mean_last=mean, std_seeds=std)
+
+    rows = [row("ste", "sgd", 0.05, 90.0, 1.0), row("ste", "adam", 1e-3, 95.0, 2.0),
+            row("ste", "sgd", 0.25, 95.0, 0.5), row("ewgs", "sgd", 0.05, 93.0, 0.1)]
+    best = {r["method"]: r for r in sweep.best_of_sweep(rows)}
+    assert (best["ste"]["optimizer"], best["ste"]["lr"], best["ste"]["sweep"]) == ("sgd", 0.25, 3)
+    assert best["ewgs"]["mean_last"] == 93.0 and best["ewgs"]["sweep"] == 1
+
+
 @pytest.mark.usefixtures("mnist_available")
 def test_smoke_profile(tmp_path, run_python):
     proc = run_python(ROOT / "examples" / "benchmark.py", "--profile=smoke",
@@ -42,7 +78,8 @@ def test_smoke_profile(tmp_path, run_python):
     assert "mean last +- std" in proc.stdout
     data = json.loads((tmp_path / "results.json").read_text())
     methods = {r["method"] for r in data["runs"]}
-    assert methods == {"float", "ste", "multifc", "gain_mlp"}
+    assert methods == {"float", "ste", "multifc", "gain_mlp", "ewgs", "ewgs_hessian",
+                       "approx_sign"}
     for r in data["runs"]:
         assert r["step_seconds"] > 0 and len(r["accuracy"]) == 2
     assert (tmp_path / "results.csv").exists()
