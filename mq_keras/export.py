@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mq_keras import export_checks, tflite_weights
+from mq_keras import export_checks, int8_graph, tflite_weights
 from mq_keras.tflite_graph import unroll_recurrent
 from mq_keras.layers import MetaQuantWrapper
 from mq_keras.models import MetaQuantModel, iter_layers
@@ -101,8 +101,8 @@ def strip_model(model):
     return stripped
 
 
-def _convert(graph, *, representative_dataset=None):
-    """Float (or, with a dataset, full-integer) TFLite bytes of a plain model."""
+def _convert(graph, *, representative_dataset=None, trained_ranges=False, io_dtype=None):
+    """Float TFLite bytes of a plain model; full-integer with a dataset or trained ranges."""
     signature = tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape, dtype=t.dtype, name=t.name),
         graph.inputs,
@@ -117,7 +117,14 @@ def _convert(graph, *, representative_dataset=None):
     with tempfile.TemporaryDirectory(prefix="mq_keras_export_") as path:
         archive.write_out(path, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(path)
-        if representative_dataset is None:
+        if trained_ranges:
+            # The graph's ActivationQuantizers (FakeQuant ops) carry every
+            # range: the converter's quantization-aware path reads them.
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            if io_dtype is not None:
+                converter.inference_input_type = tf.as_dtype(io_dtype)
+                converter.inference_output_type = tf.as_dtype(io_dtype)
+        elif representative_dataset is None:
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         else:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -283,7 +290,7 @@ def _as_representative(dataset, input_shape=None):
 
 
 def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
-                      weight_dtype="auto"):
+                      weight_dtype="auto", io_dtype="float32"):
     """Converts a quantized model to a TFLite flatbuffer (builtin ops only).
 
     A `MetaQuantModel` or a model with `MetaQuantWrapper` layers is first
@@ -306,7 +313,11 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
             convolutions fed by an int4 DEQUANTIZE); choose
             `weight_dtype="int8"` for speed, "auto" for size.
         "int8": full-integer model (int8 weights and activations, float
-            input/output) calibrated on `representative_dataset`; each
+            input/output unless `io_dtype`). A model trained with
+            `activation_quantizer=` carries its ranges: the file's scales are
+            the trained ones, no dataset is taken, and a file with any op
+            left in float is refused. Otherwise ranges are calibrated on
+            `representative_dataset`; each
             quantized filter is then moved from the converter's max|w|/127
             scale onto its exact grid (`tflite_weights.regrid_int8_filters`).
         "float": no quantized storage at all (float32 kernels holding Q(W)).
@@ -320,6 +331,9 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
             generator factory as TFLite takes it. Only for mode="int8".
         weight_dtype: "auto" (int4 where it fits, else int8: smallest) or
             "int8" (fastest), for mode="weights".
+        io_dtype: "float32" (default), or "int8"/"uint8" input and output for
+            delegates that need them: mode="int8" on a model trained with
+            activation quantizers only.
 
     Before returning, the file is checked so that no file that crashes a
     phone leaves here (`export_checks`): in "int8" mode the Keras model first
@@ -346,10 +360,14 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
             f"Unknown weight_dtype {weight_dtype!r}; allowed values are "
             f"{WEIGHT_DTYPES}."
         )
-    if mode == "int8" and representative_dataset is None:
+    graph = _graph_model(model)
+    trained = int8_graph.has_activation_ranges(graph)
+    int8_graph.check_int8_options(mode, trained, representative_dataset, io_dtype)
+    if mode == "int8" and representative_dataset is None and not trained:
         raise ValueError(
             'mode="int8" needs representative_dataset= (a few hundred '
-            "training inputs) to calibrate activation ranges."
+            "training inputs) to calibrate activation ranges, or a model "
+            "trained with quantize_model(..., activation_quantizer='ema')."
         )
     if mode != "int8" and representative_dataset is not None:
         raise ValueError(
@@ -357,7 +375,6 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
             f"mode={mode!r}; drop it, or pass mode='int8' for a full-integer "
             "model."
         )
-    graph = _graph_model(model)
     if any(isinstance(l, MetaQuantWrapper) for l in iter_layers(graph)):
         graph = strip_model(graph)
     elif not graph.built:
@@ -366,6 +383,14 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
             "it on data) before convert_to_tflite."
         )
     representative = None
+    if mode == "int8" and trained:
+        graph = unroll_recurrent(graph)
+        full = _convert(graph, trained_ranges=True,
+                        io_dtype=None if io_dtype == "float32" else io_dtype)
+        blob = tflite_weights.regrid_int8_filters(full, _convert(graph))[0]
+        int8_graph.check_all_integer(blob)
+        export_checks.check_tflite(blob)
+        return blob
     if mode == "int8":  # checked before the first (slow) conversion
         inputs = graph.inputs
         representative = _as_representative(

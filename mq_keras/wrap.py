@@ -6,10 +6,30 @@ import warnings
 import keras
 
 from mq_keras import gradients, kernels, meta_networks, quantizers
+from mq_keras.activation_graph import insert_activation_quantizers
+from mq_keras.activation_quantizers import ActivationQuantizer
 from mq_keras.cloning import clone_graph, copy_built_layer, copy_layer, is_graph_model
 from mq_keras.layer_config import KernelPlan
 from mq_keras.layers import SUPPORTED_LAYERS, MetaQuantWrapper, is_supported
 from mq_keras.models import ESTIMATORS, SEMANTICS, MetaQuantModel, iter_layers
+
+
+def _activation_factory(kind, num_bits):
+    """`name -> ActivationQuantizer`, or None for float activations (checked now)."""
+    if kind is None:
+        if num_bits is not None:
+            raise ValueError(
+                f"activation_bits={num_bits!r} needs activation_quantizer='ema' or "
+                "'pact'; activations stay float without one."
+            )
+        return None
+    bits = 8 if num_bits is None else num_bits
+    ActivationQuantizer(num_bits=bits, range_mode=kind)  # validates both
+
+    def make(name):
+        return ActivationQuantizer(num_bits=bits, range_mode=kind, name=name)
+
+    return make
 
 
 def _as_graph(model):
@@ -72,6 +92,7 @@ def _check_meta_options(meta_network, estimator, options):
 def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
                    meta_network="multifc", estimator="metaquant",
                    semantics="code", filters=None, layer_quantizers=None,
+                   activation_quantizer=None, activation_bits=None,
                    reset_meta_state=False,
                    quantizer_options=None, meta_network_options=None,
                    meta_chunk_size=None, verbose=True):
@@ -109,6 +130,12 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
             name, an int (that bit width of `kernel_quantizer`'s kind) or
             None (leave float). E.g. `{"conv1": 8, "logits": 8}` with
             `num_bits=2`.
+        activation_quantizer: None (float activations, default), "ema"
+            (moving min/max ranges, TFMOT's scheme) or "pact" (trained
+            clipping bounds): fake-quantize every tensor TFLite's integer
+            kernels quantize (`mq_keras.activation_graph`), so
+            `convert_to_tflite(mode="int8")` uses the trained ranges.
+        activation_bits: 2 to 8 (default 8) with `activation_quantizer`.
         reset_meta_state: LSTMFC only: zero (h, c) every step.
         quantizer_options: extra quantizer options, e.g.
             `{"per_channel": True}` for bwn / ternary.
@@ -215,6 +242,7 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
             "'fc_grad' or 'lstmfc'.",
             stacklevel=2,
         )
+    make_activation_quantizer = _activation_factory(activation_quantizer, activation_bits)
     plan = KernelPlan(model, quantizer, filters=filters,
                       layer_quantizers=layer_quantizers)
 
@@ -250,6 +278,10 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
             f"({', '.join(sorted(c.__name__ for c in SUPPORTED_LAYERS))}) "
             "that `filters` selects (filters=None selects every one)."
         )
+    if make_activation_quantizer is not None:
+        if isinstance(cloned, keras.Sequential):
+            cloned = keras.Model(cloned.inputs, cloned.outputs, name=cloned.name)
+        cloned = insert_activation_quantizers(cloned, make_activation_quantizer)
     if verbose and left_float:
         print(f"mq_keras: left float (not quantized): {', '.join(left_float)}")
     return MetaQuantModel(

@@ -1,0 +1,114 @@
+"""`ActivationQuantizer`: fake-quantized activations whose range is learned in training.
+
+Phones' integer kernels quantize every tensor between ops. Training with the
+same rounding in the graph makes the full-integer file compute what training
+saw: the TFLite converter reads each range straight from the graph, so the
+file's scale and zero point are the trained ones and no representative
+dataset is needed.
+
+Forward (TF's `fake_quant_with_min_max_vars`, the op the converter reads):
+the range `[lo, hi]` is nudged so that 0 is a level, then
+`y = s * (clip(round(x / s + z), 0, 2^k - 1) - z)` with
+`s = (hi - lo) / (2^k - 1)` and `z = round(-lo / s)`.
+
+Backward: `dL/dx = dL/dy * 1[lo <= x <= hi]` (straight through inside the
+range). With `range_mode="pact"` the bounds are trainable and
+`dL/dhi = sum(dL/dy * 1[x > hi])`, `dL/dlo = sum(dL/dy * 1[x < lo])`: the
+clipping-level gradient of PACT (Choi et al., 2018, "PACT: Parameterized
+Clipping Activation for Quantized Neural Networks"), as TF's gradient of
+the op computes it.
+
+Range modes:
+    "ema" (default, TFMOT's scheme): `lo`, `hi` are exponential moving
+        averages (decay `ema_decay`) of each training batch's min and max,
+        extended to include 0; the first batch sets them.
+    "pact": `lo`, `hi` are trained by the base optimizer from
+        `init_range`, with the gradient above.
+"""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+_PACKAGE = "mq_keras"
+RANGE_MODES = ("ema", "pact")
+ALLOWED_BITS = tuple(range(2, 9))
+
+
+def _check(num_bits, range_mode, ema_decay, init_range):
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int) or num_bits not in ALLOWED_BITS:
+        raise ValueError(
+            f"activation_bits must be an int in {list(ALLOWED_BITS)} (TFLite's integer "
+            f"kernels hold at most 8 bits), got {num_bits!r}."
+        )
+    if range_mode not in RANGE_MODES:
+        raise ValueError(
+            f"Unknown activation_quantizer {range_mode!r}; allowed values are "
+            f"{RANGE_MODES} (or None for float activations)."
+        )
+    if not 0.0 < float(ema_decay) < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay!r}.")
+    lo, hi = (float(v) for v in init_range)
+    if not lo <= 0.0 <= hi or lo == hi:
+        raise ValueError(f"init_range must satisfy lo <= 0 <= hi, lo < hi; got {init_range!r}.")
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ActivationQuantizer(keras.layers.Layer):
+    """Fake-quantizes its input to `num_bits` levels over a trained range.
+
+    Args:
+        num_bits: 2 to 8.
+        range_mode: "ema" (moving min/max) or "pact" (trainable bounds).
+        ema_decay: decay of the moving averages ("ema").
+        init_range: `(lo, hi)` before training ("pact"; "ema" starts from
+            the first batch).
+    """
+
+    def __init__(self, *, num_bits=8, range_mode="ema", ema_decay=0.999,
+                 init_range=(-6.0, 6.0), **kwargs):
+        super().__init__(**kwargs)
+        _check(num_bits, range_mode, ema_decay, init_range)
+        self.num_bits = num_bits
+        self.range_mode = range_mode
+        self.ema_decay = float(ema_decay)
+        self.init_range = tuple(float(v) for v in init_range)
+
+    def build(self, input_shape=None):
+        trainable = self.range_mode == "pact"
+        lo, hi = self.init_range
+        self.lo = self.add_weight(name="lo", shape=(), trainable=trainable, dtype="float32",
+                                  initializer=keras.initializers.Constant(lo))
+        self.hi = self.add_weight(name="hi", shape=(), trainable=trainable, dtype="float32",
+                                  initializer=keras.initializers.Constant(hi))
+        # "ema": 0 until the first training batch has set the range.
+        self.seen = self.add_weight(name="seen", shape=(), trainable=False, dtype="float32",
+                                    initializer="zeros")
+        self.built = True
+
+    def _track(self, x):
+        x = ops.stop_gradient(ops.cast(x, "float32"))
+        lo = ops.minimum(ops.min(x), 0.0)
+        hi = ops.maximum(ops.max(x), 0.0)
+        first = self.seen < 0.5
+        d = self.ema_decay
+        self.lo.assign(ops.where(first, lo, d * self.lo + (1.0 - d) * lo))
+        self.hi.assign(ops.where(first, hi, d * self.hi + (1.0 - d) * hi))
+        self.seen.assign(1.0)
+
+    def call(self, inputs, training=None):
+        if training and self.range_mode == "ema":
+            self._track(inputs)
+        x = ops.cast(inputs, "float32")
+        y = tf.quantization.fake_quant_with_min_max_vars(
+            x, ops.convert_to_tensor(self.lo), ops.convert_to_tensor(self.hi),
+            num_bits=self.num_bits, narrow_range=False)
+        return ops.cast(y, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "num_bits": self.num_bits,
+                "range_mode": self.range_mode, "ema_decay": self.ema_decay,
+                "init_range": list(self.init_range)}
