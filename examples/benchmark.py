@@ -63,6 +63,7 @@ flags.DEFINE_string("output_dir", None, "Where results go (default: a new temp d
 flags.DEFINE_string("run_one", None, "Internal: run one JSON spec and print its result.")
 flags.DEFINE_bool("tfmot", True, "Include TFMOT's QAT when .venv-tfmot exists.")
 flags.DEFINE_list("tasks", None, "Run only these tasks (cifar10, mnist); default all.")
+flags.DEFINE_list("methods", None, "Run only these methods (e.g. float,ste,multifc); default all.")
 flags.DEFINE_integer("max_runs", 0, "Run only the first N runs (0: all), for trials.")
 flags.DEFINE_integer("seeds", 3, "Seeds per configuration in the quick profile "
                      "(accuracy claims need at least 3).", lower_bound=1)
@@ -493,6 +494,11 @@ def main(argv):
         if unknown:
             raise app.UsageError(f"--tasks: no runs of {unknown} in --profile={FLAGS.profile}.")
         runs = [r for r in runs if r["task"] in FLAGS.tasks]
+    if FLAGS.methods:
+        unknown = sorted(set(FLAGS.methods) - {r["method"] for r in runs})
+        if unknown:
+            raise app.UsageError(f"--methods: no runs of {unknown} in --profile={FLAGS.profile}.")
+        runs = [r for r in runs if r["method"] in FLAGS.methods]
     if FLAGS.max_runs:
         runs = runs[:FLAGS.max_runs]
     print(f"profile {FLAGS.profile}: {len(runs)} runs -> {out_dir}")
