@@ -56,7 +56,8 @@ from absl import app, flags  # noqa: E402
 import sweep  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("profile", "quick", ["smoke", "quick", "strong", "full"], "Which runs.")
+flags.DEFINE_enum("profile", "quick", ["smoke", "quick", "peer", "strong", "full"],
+                  "Which runs.")
 flags.DEFINE_integer("cifar_steps", 1200, "Training steps of each CIFAR-10 run in the "
                      "strong profile (391 = one epoch at batch 128).", lower_bound=1)
 flags.DEFINE_string("output_dir", None, "Where results go (default: a new temp dir).")
@@ -87,6 +88,18 @@ def profile_runs(profile, seeds=3):
                  last_k=2, pretrain_steps=4)
         for m in ("float", "ste", "multifc", "gain_mlp") + sweep.HAND_METHODS:
             runs.append(_run("mnist", m, lr=0.05, **b))
+        return runs
+    if profile == "peer":
+        # Like for like with TFMOT's QAT (w8a8 default, w4a8 and w2a8 n-bit):
+        # symmetric per-channel weights ("uniform", as TFMOT's) and 8-bit
+        # activations with moving min/max ranges, as TFMOT's.
+        mn = dict(steps=300, eval_every=50, batch_size=64, train_limit=10000,
+                  test_limit=5000, last_k=3, pretrain_steps=157)
+        for seed in range(seeds):
+            for bits in (8, 4, 2):
+                for m in ("ste", "gain_mlp"):
+                    runs.append(_run("mnist", m, quantizer="uniform", bits=bits, lr=0.05,
+                                     seed=seed, activation_bits=8, **mn))
         return runs
     if profile == "strong":
         return sweep.strong_runs(
@@ -236,8 +249,10 @@ def _quantized(spec, model, train, loss):
     import mq_keras
 
     method = spec["method"]
+    act = spec.get("activation_bits")
     common = dict(kernel_quantizer=spec["quantizer"], num_bits=spec["bits"],
-                  semantics=spec["semantics"], verbose=False)
+                  semantics=spec["semantics"], verbose=False,
+                  activation_quantizer="ema" if act else None, activation_bits=act)
     if method == "ste":
         return mq_keras.quantize_model(model, estimator="ste", **common)
     if method in sweep.HAND_METHODS:
@@ -312,7 +327,7 @@ def run_one(spec, cache_dir):
 
 def tfmot_runs(profile, out_dir, seeds=3):
     """TFMOT's QAT on the MNIST CNN, from the same float starts, if its venv exists."""
-    if profile != "quick" or not FLAGS.tfmot:
+    if profile not in ("quick", "peer") or not FLAGS.tfmot:
         return []
     try:
         import tfmot_runner
@@ -352,7 +367,8 @@ def tfmot_runs(profile, out_dir, seeds=3):
 # ----------------------------------------------------------------------------- report
 
 def _group_key(r):
-    return (r["task"], r["quantizer"], r["bits"], r["optimizer"], r["lr"], r["method"],
+    method = r["method"] + (f" a{r['activation_bits']}" if r.get("activation_bits") else "")
+    return (r["task"], r["quantizer"], r["bits"], r["optimizer"], r["lr"], method,
             r["semantics"])
 
 

@@ -56,6 +56,17 @@ def test_strong_profile_gives_every_method_the_same_sweep():
     assert all("approx_sign" in m for (_, _, b), m in grids.items() if b == 1)
 
 
+def test_peer_profile_is_like_for_like_with_tfmot():
+    import benchmark
+
+    peer = benchmark.profile_runs("peer")
+    # TFMOT's schemes: symmetric per-channel weights at 8/4/2 bits, 8-bit activations.
+    assert {(r["quantizer"], r["bits"], r["activation_bits"]) for r in peer} == {
+        ("uniform", 8, 8), ("uniform", 4, 8), ("uniform", 2, 8)}
+    assert {r["seed"] for r in peer} == {0, 1, 2} and {r["method"] for r in peer} >= {"ste"}
+    assert benchmark._group_key(peer[0])[5] == "ste a8"
+
+
 def test_best_of_sweep_picks_each_methods_best_configuration():
     import sweep
 
