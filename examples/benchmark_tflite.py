@@ -19,7 +19,7 @@ What is measured:
 
     ``--model=resnet20`` (examples/zoo.py, the CIFAR ResNet20) and
     ``--model=mobilenetv2`` (`keras.applications.MobileNetV2`, 32x32x3,
-    ``weights=None``, 10 classes) take 32x32x3 inputs: they run on random
+    ``weights=None``, 10 classes, logits out) take 32x32x3 inputs: they run on random
     images and untrained weights (no CIFAR-10 is read), which leaves sizes
     and latencies as they are but makes the agreement figures those of an
     untrained model on noise.
@@ -220,8 +220,11 @@ def make_model(name="cnn"):
     if name == "mobilenetv2":
         import keras
 
+        # Logits, as the other models give: an untrained quantized net's
+        # softmax saturates to ties, which makes top-1 agreement meaningless.
         return keras.applications.MobileNetV2(
-            input_shape=(32, 32, 3), weights=None, classes=10)
+            input_shape=(32, 32, 3), weights=None, classes=10,
+            classifier_activation=None)
     raise ValueError(f"Unknown model {name!r}; choose from {MODELS}.")
 
 
@@ -580,7 +583,7 @@ def run_benchmark(*, quantizer, num_bits, estimator, train_steps,
             "model": {"cnn": "examples/mnist.py CNN",
                       "resnet20": "examples/zoo.py ResNet20",
                       "mobilenetv2": "keras.applications.MobileNetV2 32x32x3, "
-                                     "weights=None"}[model],
+                                     "weights=None, logits"}[model],
             "architecture": architecture(float_model),
             "files": {mode: {"mode": "weights", **kw} for mode, kw in FILES.items()},
             "quantizer": quantizer, "num_bits": num_bits,
