@@ -50,9 +50,9 @@ def _weight_dtype(weight_dtype):
         warnings.warn(
             f'weight_dtype={weight_dtype!r} is deprecated; it means '
             f'{canonical!r} (int4 codes where they fit: the smallest file, but '
-            'convolutions fed by int4 codes run 2.5-7.5x slower in LiteRT). '
+            'convolutions fed by int4 codes run 2.6-4.6x slower in LiteRT). '
             f'Pass weight_dtype={canonical!r} to keep this file, or leave the '
-            'default "int8" (float speed at about 0.27-0.28x the float file).',
+            'default "int8" (float speed at about 0.27-0.29x the float file).',
             DeprecationWarning, stacklevel=3)
         return canonical
     if weight_dtype not in WEIGHT_DTYPES:
@@ -329,14 +329,14 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
             (`weight_dtype="int8"`): the XNNPACK delegate, which LiteRT and
             tf.lite apply by default on CPU, expands an int8 DEQUANTIZE of a
             constant once when the model loads and then runs the float op, so
-            the file runs at float speed, at about 0.27-0.28x the float
+            the file runs at float speed, at about 0.27-0.29x the float
             file's size (measured: examples/benchmark_tflite.py and the
             README's "TFLite latency"). `weight_dtype="int4"` stores codes
             that fit in [-7, 7] (1-3-bit DoReFa, BWN, ternary, uniform up to
-            4 bits) as int4, two a byte: about 0.15x the float file, but
+            4 bits) as int4, two a byte: about 0.15-0.17x the float file, but
             that delegate does not expand int4 constants, so every
             convolution fed by one falls back to TFLite's own kernels:
-            2.5-7.5x float latency (batch 1, one thread, LiteRT 2.3). Codes
+            2.6-4.6x float latency (batch 1, one thread, LiteRT 2.3). Codes
             that do not fit int4 are int8 either way; 8-bit DoReFa needs
             9-bit codes and stays float32, and layers left float stay
             float32.
@@ -535,8 +535,8 @@ def _main(argv=None):
         "--weight_dtype", default=WEIGHT_DTYPES[0],
         choices=WEIGHT_DTYPES + tuple(_WEIGHT_DTYPE_ALIASES),
         help='--mode weights: storage of the codes. "int8" (default) runs at '
-             'float speed at about 0.28x the float file; "int4" gives about '
-             "0.15x but its convolutions run 2.5-7.5x slower in LiteRT. "
+             'float speed at about 0.27-0.29x the float file; "int4" gives about '
+             "0.15-0.17x but its convolutions run 2.6-4.6x slower in LiteRT. "
              '"auto" is a deprecated name of "int4".',
     )
     parser.add_argument(

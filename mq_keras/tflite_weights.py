@@ -29,14 +29,15 @@ xnnpack_delegate.cc takes only those two input types). INT4 is not expanded:
 the filter then reaches the op as a computed tensor, which XNNPACK's
 convolutions do not take, so each convolution fed by int4 codes runs in
 TFLite's own kernels instead. Measured (LiteRT 2.3, batch 1, one thread):
-int8 codes run at float speed; int4 codes take 2.6-7.5x float latency on
-the three CNNs of the README. Also tried for int4, none fast: one scale per
-tensor instead of per channel (same latency); 2-D codes with a RESHAPE to
-the filter shape after DEQUANTIZE (same or slower); int4 filters fed to the
-op without DEQUANTIZE (the hybrid kernels then quantize the activations on
-the fly: slow and no longer exact). A FULLY_CONNECTED fed by int4 codes is
-delegated, as an op with a run-time filter: float speed for the small
-classifier of the main job's CNN, 1.7x float on a 784-1024-1024-10 MLP.
+int8 codes run at float speed; int4 codes take 2.6-4.6x float latency on
+the three CNNs of the README (ResNet20 7.5x in another run). Also tried for
+int4, none fast: one scale per tensor instead of per channel (same
+latency); 2-D codes with a RESHAPE to the filter shape after DEQUANTIZE
+(same or slower); int4 filters fed to the op without DEQUANTIZE (the hybrid
+kernels then quantize the activations on the fly: slow and no longer
+exact). A FULLY_CONNECTED fed by int4 codes is delegated, as an op with a
+run-time filter: float speed for the small classifier of the main job's
+CNN, 1.7x float on a 784-1024-1024-10 MLP.
 
 A filter that is not on such a grid (a layer left float) is left as it is,
 and so is one that needs `M_c > 127`: 8-bit DoReFa's 256 odd levels
