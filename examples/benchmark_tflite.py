@@ -1,19 +1,28 @@
 r"""Size, single-thread latency and fidelity of the three TFLite exports.
 
 What is measured:
-    The main job's small CNN (examples/mnist.py `make_model`: input 28x28x1,
-    Conv2D 32 3x3 -> BN -> ReLU -> MaxPool -> Conv2D 64 3x3 -> BN -> ReLU ->
-    MaxPool -> Flatten -> Dense 10 -> BN; BN momentum 0.9) is quantized with
-    `mq_keras.quantize_model` (``--quantizer``, ``--num_bits``; every
-    conv/dense kernel) and converted by `mq_keras.convert_to_tflite` three
-    ways:
+    A CNN (``--model``; by default the main job's small CNN, examples/mnist.py
+    `make_model`: input 28x28x1, Conv2D 32 3x3 -> BN -> ReLU -> MaxPool ->
+    Conv2D 64 3x3 -> BN -> ReLU -> MaxPool -> Flatten -> Dense 10 -> BN; BN
+    momentum 0.9) is quantized with `mq_keras.quantize_model`
+    (``--quantizer``, ``--num_bits``; every conv/dense kernel) and converted
+    by `mq_keras.convert_to_tflite` into four files:
 
     * ``float``: float32 kernels holding the quantized values Q(W);
-    * ``weights``: the kernels stored as int4/int8 codes with per-channel
-      scales (``--weight_dtype``), expanded by builtin DEQUANTIZE ops when the
-      model loads; float arithmetic;
+    * ``weights``: the default export: the kernels stored as int8 codes with
+      per-channel scales, expanded by builtin DEQUANTIZE ops; float
+      arithmetic;
+    * ``weights_int4``: the same with ``weight_dtype="int4"`` (int4 codes
+      where they fit: smaller, slower convolutions);
     * ``int8``: the converter's full-integer model, calibrated on 256
       training images.
+
+    ``--model=resnet20`` (examples/zoo.py, the CIFAR ResNet20) and
+    ``--model=mobilenetv2`` (`keras.applications.MobileNetV2`, 32x32x3,
+    ``weights=None``, 10 classes, logits out) take 32x32x3 inputs: they run on random
+    images and untrained weights (no CIFAR-10 is read), which leaves sizes
+    and latencies as they are but makes the agreement figures those of an
+    untrained model on noise.
 
     For each file the table gives its size in bytes and its ratio to the
     float file; its inference latency in the LiteRT interpreter with ONE
@@ -34,10 +43,16 @@ How:
 
     Every (file, interpreter) pair gets its own interpreter
     (``num_threads=1``), resized to the batch size and fed one fixed input
-    batch. After ``--warmup`` untimed invocations of each, ``--runs`` rounds
-    follow; a round invokes every pair once, round-robin, starting one pair
-    later each round, so that load from other processes on a shared machine
-    is spread over all files instead of landing on one. Only
+    batch. The ``--runs`` timed rounds are split into ``--blocks`` blocks;
+    each block creates fresh interpreters, the creation order rotated by one
+    pair per block (the interpreter created first was measured up to 10%
+    faster than an identical one created later, on a model whose weights
+    exceed the caches), runs ``--warmup`` untimed invocations of each, then
+    its rounds: a round invokes every pair once, round-robin, starting one
+    pair later each round, so that load from other processes on a shared
+    machine is spread over all files instead of landing on one. Each block
+    gives a median ratio to the float file; the table shows the median over
+    all runs and the lowest and highest block ratio (the spread). Only
     `Interpreter.invoke()` is inside the clock readings
     (`time.perf_counter`, wall; `time.process_time`, CPU of the whole
     process, also reported). Medians are used because wall time on shared
@@ -64,6 +79,7 @@ Data:
 
 Example:
     PYTHONPATH=. python examples/benchmark_tflite.py
+    PYTHONPATH=. python examples/benchmark_tflite.py --model=resnet20
     PYTHONPATH=. python examples/benchmark_tflite.py --interpreter=both \
         --runs=500 --output_json=/tmp/tflite_bench.json
     PYTHONPATH=. python examples/benchmark_tflite.py --smoke
@@ -88,7 +104,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
 
-MODES = ("float", "weights", "int8")  # float first: the reference of the ratios
+# File -> convert_to_tflite arguments; float first: the reference of the ratios.
+FILES = {
+    "float": {"mode": "float"},
+    "weights": {},  # the default export (weights mode, int8 codes)
+    "weights_int4": {"weight_dtype": "int4"},
+    "int8": {"mode": "int8"},
+}
+MODES = tuple(FILES)
+MODELS = ("cnn", "resnet20", "mobilenetv2")
 INTERPRETERS = ("auto", "tflite", "litert", "both")
 MIN_RUNS = 50
 REPRESENTATIVE_IMAGES = 256
@@ -97,9 +121,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("quantizer", "dorefa", ["dorefa", "bwn", "ternary", "uniform"],
                   "Kernel quantizer.")
 flags.DEFINE_integer("num_bits", 1, "Kernel bit width.")
-flags.DEFINE_enum("weight_dtype", "auto", ["auto", "int8"],
-                  'Codes of the "weights" file: auto (int4 where they fit, else '
-                  "int8) or int8.")
+flags.DEFINE_enum("model", "cnn", list(MODELS),
+                  "cnn: the main job's MNIST CNN (trained briefly on MNIST when "
+                  "found); resnet20: examples/zoo.py's CIFAR ResNet20; "
+                  "mobilenetv2: keras.applications.MobileNetV2 at 32x32x3, "
+                  "weights=None (both: random images, untrained).")
 flags.DEFINE_enum("estimator", "metaquant", ["metaquant", "ste"],
                   "Estimator of the brief quantization-aware training.")
 flags.DEFINE_integer("train_steps", 200,
@@ -110,7 +136,11 @@ flags.DEFINE_integer("batch_size", 1, "Batch size of the timed invocations.")
 flags.DEFINE_integer("runs", 100,
                      f"Timed invocations per file (at least {MIN_RUNS}; round-robin "
                      "across the files).")
-flags.DEFINE_integer("warmup", 10, "Untimed invocations per file before timing.")
+flags.DEFINE_integer("warmup", 10, "Untimed invocations per file before timing "
+                     "(in every block).")
+flags.DEFINE_integer("blocks", 5,
+                     "Blocks the timed runs are split into; each creates fresh "
+                     "interpreters in a rotated order (1 <= blocks <= runs).")
 flags.DEFINE_integer("eval_samples", 2000,
                      "Test images for top-1 agreement and max |logit difference|.")
 flags.DEFINE_enum("interpreter", "auto", list(INTERPRETERS),
@@ -125,8 +155,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the weights, the training order and "
                      "random data.")
 flags.DEFINE_string("output_json", None, "Optional path to write the results to as JSON.")
 flags.DEFINE_boolean("smoke", False,
-                     "Tiny run for tests: no training, 5 timed runs, 1 warm-up, "
-                     "20 eval samples (overrides those flags).")
+                     "Tiny run for tests: no training, 5 timed runs in 1 block, "
+                     "1 warm-up, 20 eval samples (overrides those flags).")
 
 
 # ----------------------------------------------------------------------------- data
@@ -140,15 +170,17 @@ def prepared_mnist_dir():
     return None
 
 
-def load_data(source, *, train_n, eval_n, seed):
+def load_data(source, *, train_n, eval_n, seed, shape=(28, 28, 1)):
     """Returns `(x_train, y_train, x_test, y_test, description)`.
 
-    Images are float32 in [0, 1], shape (n, 28, 28, 1); labels are int64, or
-    None for random data. Only `train[:train_n]` and `test[:eval_n]` are read.
+    Images are float32 in [0, 1], shape (n,) + `shape`; labels are int64, or
+    None for random data. Only `train[:train_n]` and `test[:eval_n]` are read
+    (MNIST only for the default 28x28x1 shape).
     """
     import numpy as np
 
-    data_dir = prepared_mnist_dir() if source != "random" else None
+    data_dir = (prepared_mnist_dir()
+                if source != "random" and tuple(shape) == (28, 28, 1) else None)
     if source == "mnist" and data_dir is None:
         raise app.UsageError(
             "--data=mnist: no prepared MNIST under TFDS_DATA_DIR or "
@@ -164,23 +196,36 @@ def load_data(source, *, train_n, eval_n, seed):
                 x_te.astype("float32") / 255.0, y_te.astype("int64"),
                 f"MNIST (tfds, {data_dir})")
     rng = np.random.default_rng(seed)
-    return (rng.random((train_n, 28, 28, 1), dtype=np.float32), None,
-            rng.random((eval_n, 28, 28, 1), dtype=np.float32), None,
+    return (rng.random((train_n,) + tuple(shape), dtype=np.float32), None,
+            rng.random((eval_n,) + tuple(shape), dtype=np.float32), None,
             "RANDOM uniform images (no prepared MNIST used)")
 
 
 # ---------------------------------------------------------------------------- model
 
-def make_model():
-    """The main job's CNN (examples/mnist.py `make_model`), from examples/zoo.py.
+def make_model(name="cnn"):
+    """The CNN `--model` names (see MODELS); "cnn" is the main job's.
 
-    `zoo.small_cnn` is the flag-free copy (tests/test_zoo.py checks it layer
-    by layer against mnist.py); importing mnist.py itself would define its
-    absl flags, several of which share names with these.
+    "cnn" is examples/mnist.py `make_model` through `zoo.small_cnn`, its
+    flag-free copy (tests/test_zoo.py checks it layer by layer against
+    mnist.py); importing mnist.py itself would define its absl flags, several
+    of which share names with these.
     """
     import zoo
 
-    return zoo.small_cnn()
+    if name == "cnn":
+        return zoo.small_cnn()
+    if name == "resnet20":
+        return zoo.resnet20()
+    if name == "mobilenetv2":
+        import keras
+
+        # Logits, as the other models give: an untrained quantized net's
+        # softmax saturates to ties, which makes top-1 agreement meaningless.
+        return keras.applications.MobileNetV2(
+            input_shape=(32, 32, 3), weights=None, classes=10,
+            classifier_activation=None)
+    raise ValueError(f"Unknown model {name!r}; choose from {MODELS}.")
 
 
 def architecture(model):
@@ -189,7 +234,8 @@ def architecture(model):
 
 
 def build_quantized(*, quantizer, num_bits, estimator, train_steps,
-                    train_batch_size, x_train, y_train, seed, log=print):
+                    train_batch_size, x_train, y_train, seed, log=print,
+                    model="cnn"):
     """Builds the CNN, trains it briefly if asked, returns (float, quantized)."""
     import keras
     import tensorflow as tf
@@ -204,7 +250,7 @@ def build_quantized(*, quantizer, num_bits, estimator, train_steps,
         return ds.repeat().batch(train_batch_size)
 
     keras.utils.set_random_seed(seed)
-    float_model = make_model()
+    float_model = make_model(model)
     if train_steps:
         float_model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
         t0 = time.perf_counter()
@@ -334,49 +380,65 @@ def const_tensor_types(tflite_bytes):
 
 # ---------------------------------------------------------------------------- timing
 
-def time_invocations(blobs, factories, x, *, runs, warmup, num_threads=1):
+def time_invocations(blobs, factories, x, *, runs, warmup, num_threads=1,
+                     blocks=1):
     """Times `invoke()` of every (mode, interpreter) pair, round-robin.
 
     Args:
         blobs: `{mode: tflite bytes}`.
         factories: `{interpreter name: factory}`.
         x: the one input batch every invocation gets.
-        runs: timed rounds; each invokes every pair once.
-        warmup: untimed rounds before.
+        runs: timed rounds in all; each invokes every pair once.
+        warmup: untimed rounds at the start of every block.
         num_threads: interpreter threads.
+        blocks: the rounds are split into this many blocks; each block
+            creates fresh interpreters, the creation order rotated by one
+            pair per block.
 
     Returns:
-        `{(mode, name): {"wall_us": [...], "cpu_us": [...], "kind": ...}}`.
+        `{(mode, name): {"wall_us": [...], "cpu_us": [...], "kind": ...,
+        "block_median_us": [...]}}`.
     """
     import numpy as np
 
-    pairs, interps = [], {}
-    for mode, blob in blobs.items():
-        for name, factory in factories.items():
-            interp = factory(blob, num_threads=num_threads)
+    pairs = [(mode, name) for mode in blobs for name in factories]
+    wall = {p: [] for p in pairs}
+    cpu = {p: [] for p in pairs}
+    block_median = {p: [] for p in pairs}
+    kinds = {}
+    perf, proc = time.perf_counter, time.process_time
+    for b in range(blocks):
+        rounds = runs // blocks + (1 if b < runs % blocks else 0)
+        k = b % len(pairs)
+        order = pairs[k:] + pairs[:k]
+        interps = {}
+        for pair in order:
+            interp = factories[pair[1]](blobs[pair[0]], num_threads=num_threads)
             inp = interp.get_input_details()[0]
             interp.resize_tensor_input(inp["index"], x.shape)
             interp.allocate_tensors()
             interp.set_tensor(inp["index"], np.asarray(x, inp["dtype"]))
-            interps[(mode, name)] = interp
-            pairs.append((mode, name))
-    for _ in range(warmup):
+            interps[pair] = interp
+            kinds[pair] = _kind(interp)
+        for _ in range(warmup):
+            for pair in order:
+                interps[pair].invoke()
+        block = {p: [] for p in pairs}
+        for r in range(rounds):
+            k = r % len(order)
+            for pair in order[k:] + order[:k]:
+                invoke = interps[pair].invoke
+                c0, w0 = proc(), perf()
+                invoke()
+                w1, c1 = perf(), proc()
+                block[pair].append(1e6 * (w1 - w0))
+                cpu[pair].append(1e6 * (c1 - c0))
         for pair in pairs:
-            interps[pair].invoke()
-    wall = {p: [] for p in pairs}
-    cpu = {p: [] for p in pairs}
-    perf, proc = time.perf_counter, time.process_time
-    for r in range(runs):
-        k = r % len(pairs)
-        for pair in pairs[k:] + pairs[:k]:
-            invoke = interps[pair].invoke
-            c0, w0 = proc(), perf()
-            invoke()
-            w1, c1 = perf(), proc()
-            wall[pair].append(1e6 * (w1 - w0))
-            cpu[pair].append(1e6 * (c1 - c0))
-    return {p: {"wall_us": wall[p], "cpu_us": cpu[p], "kind": _kind(interps[p])}
-            for p in pairs}
+            wall[pair] += block[pair]
+            block_median[pair].append(statistics.median(block[pair]))
+        del interps
+    return {p: {"wall_us": wall[p], "cpu_us": cpu[p], "kind": kinds[p],
+                "block_median_us": block_median[p]} for p in pairs}
 
 
 def _p90(values):
@@ -387,9 +449,9 @@ def _p90(values):
 
 # ----------------------------------------------------------------------------- run
 
-def run_benchmark(*, quantizer, num_bits, weight_dtype, estimator, train_steps,
+def run_benchmark(*, quantizer, num_bits, estimator, train_steps,
                   train_batch_size, batch_size, runs, warmup, eval_samples,
-                  interpreter, data, seed, log=print):
+                  interpreter, data, seed, log=print, model="cnn", blocks=1):
     """Builds, converts, times and verifies; returns a results dict."""
     import keras
     import numpy as np
@@ -400,15 +462,21 @@ def run_benchmark(*, quantizer, num_bits, weight_dtype, estimator, train_steps,
     tf.get_logger().setLevel("ERROR")
     factories = interpreter_factories(interpreter)
     train_n = max(REPRESENTATIVE_IMAGES, train_steps * train_batch_size)
+    shape = (28, 28, 1) if model == "cnn" else (32, 32, 3)
+    if model != "cnn" and data == "mnist":
+        raise app.UsageError(f"--model={model} takes 32x32x3 inputs; MNIST is "
+                             "for --model=cnn only.")
     x_train, y_train, x_test, y_test, source = load_data(
         data, train_n=min(train_n, 60000), eval_n=min(eval_samples, 10000),
-        seed=seed)
+        seed=seed, shape=shape)
     random_data = y_train is None
     if random_data:
+        why = ("no prepared MNIST (--data=random)" if data == "random"
+               else f"--model={model} reads no dataset" if model != "cnn"
+               else "no prepared MNIST found (TFDS_DATA_DIR, "
+                    "../shared/tensorflow_datasets)")
         log("!" * 78)
-        log("NOTE: no prepared MNIST" + (" (--data=random)" if data == "random"
-                                         else " found (TFDS_DATA_DIR, "
-                                         "../shared/tensorflow_datasets)")
+        log("NOTE: " + why
             + ": inputs are RANDOM uniform images and\nnothing is trained. "
             "Sizes and latencies are unaffected; the agreement figures are "
             "those\nof an untrained model on noise.")
@@ -419,20 +487,19 @@ def run_benchmark(*, quantizer, num_bits, weight_dtype, estimator, train_steps,
     float_model, qmodel = build_quantized(
         quantizer=quantizer, num_bits=num_bits, estimator=estimator,
         train_steps=train_steps, train_batch_size=train_batch_size,
-        x_train=x_train, y_train=y_train, seed=seed, log=log)
+        x_train=x_train, y_train=y_train, seed=seed, log=log, model=model)
 
     blobs, convert_s = {}, {}
-    for mode in MODES:
+    for mode, kwargs in FILES.items():
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             blobs[mode] = mq_keras.convert_to_tflite(
-                qmodel, mode=mode,
+                qmodel, **kwargs,
                 representative_dataset=(x_train[:REPRESENTATIVE_IMAGES]
-                                        if mode == "int8" else None),
-                weight_dtype=weight_dtype)
+                                        if mode == "int8" else None))
         convert_s[mode] = time.perf_counter() - t0
-        log(f"  {mode:<8} converted: {len(blobs[mode]):,} bytes "
+        log(f"  {mode:<12} converted: {len(blobs[mode]):,} bytes "
             f"({convert_s[mode]:.1f} s)")
 
     # Agreement with Keras, every file through every selected interpreter.
@@ -452,10 +519,11 @@ def run_benchmark(*, quantizer, num_bits, weight_dtype, estimator, train_steps,
     x_bench = x_test[:batch_size]
     if len(x_bench) < batch_size:  # fewer eval images than the batch
         x_bench = np.resize(x_test, (batch_size,) + x_test.shape[1:])
-    log(f"Timing: batch {batch_size}, {warmup} warm-up + {runs} timed "
-        f"invocations per file and interpreter, 1 thread, round-robin.")
+    log(f"Timing: batch {batch_size}, {runs} timed invocations per file and "
+        f"interpreter in {blocks} block(s) of fresh interpreters, {warmup} "
+        "warm-up each, 1 thread, round-robin.")
     timings = time_invocations(blobs, factories, x_bench, runs=runs,
-                               warmup=warmup, num_threads=1)
+                               warmup=warmup, num_threads=1, blocks=blocks)
 
     results = {}
     for mode in MODES:
@@ -471,6 +539,8 @@ def run_benchmark(*, quantizer, num_bits, weight_dtype, estimator, train_steps,
             t = timings[(mode, name)]
             ref = timings[("float", name)]
             a = agreement[(mode, name)]
+            block_ratios = [m / f for m, f in zip(t["block_median_us"],
+                                                  ref["block_median_us"])]
             r = {
                 "interpreter": kinds[name],
                 "median_us": statistics.median(t["wall_us"]),
@@ -480,6 +550,9 @@ def run_benchmark(*, quantizer, num_bits, weight_dtype, estimator, train_steps,
                 "median_ratio_to_float": (statistics.median(t["wall_us"])
                                           / statistics.median(ref["wall_us"])),
                 "p90_ratio_to_float": _p90(t["wall_us"]) / _p90(ref["wall_us"]),
+                "block_median_us": t["block_median_us"],
+                "block_ratios_to_float": block_ratios,
+                "ratio_range": [min(block_ratios), max(block_ratios)],
                 "top1_agreement": a["top1_agreement"],
                 "max_abs_diff": a["max_abs_diff"],
                 "max_rel_diff": a["max_rel_diff"],
@@ -507,11 +580,17 @@ def run_benchmark(*, quantizer, num_bits, weight_dtype, estimator, train_steps,
 
     return {
         "config": {
-            "model": "examples/mnist.py CNN", "architecture": architecture(float_model),
-            "quantizer": quantizer, "num_bits": num_bits, "weight_dtype": weight_dtype,
+            "model": {"cnn": "examples/mnist.py CNN",
+                      "resnet20": "examples/zoo.py ResNet20",
+                      "mobilenetv2": "keras.applications.MobileNetV2 32x32x3, "
+                                     "weights=None, logits"}[model],
+            "architecture": architecture(float_model),
+            "files": {mode: {"mode": "weights", **kw} for mode, kw in FILES.items()},
+            "quantizer": quantizer, "num_bits": num_bits,
             "estimator": estimator, "train_steps": train_steps,
             "train_batch_size": train_batch_size, "batch_size": batch_size,
-            "runs": runs, "warmup": warmup, "eval_samples": len(x_test),
+            "runs": runs, "blocks": blocks, "warmup": warmup,
+            "eval_samples": len(x_test),
             "interpreter": interpreter, "num_threads": 1, "seed": seed,
             "data": source, "random_data": random_data,
             "timing": "Interpreter.invoke() only, one fixed input batch; "
@@ -532,19 +611,21 @@ def format_table(report):
     res = report["results"]
     names = list(next(iter(res.values()))["interpreters"])
     has_acc = "tflite_accuracy" in res["float"]["interpreters"][names[0]]
-    header = (f"{'file':<8}{'interp':<8}{'bytes':>9}{'x float':>8}"
+    header = (f"{'file':<13}{'interp':<8}{'bytes':>10}{'x float':>8}"
               f"{'med us':>9}{'p90 us':>9}{'CPU us':>9}{'med x fl':>9}"
-              f"{'p90 x fl':>9}{'top-1 agr':>10}{'max|dlogit|':>12}"
-              + (f"{'acc':>8}" if has_acc else ""))
+              f"{'blocks x fl':>13}{'p90 x fl':>9}{'top-1 agr':>10}"
+              f"{'max|dlogit|':>12}" + (f"{'acc':>8}" if has_acc else ""))
     lines = [header, "-" * len(header)]
     for mode, e in res.items():
         for name in names:
             r = e["interpreters"][name]
             label = r["interpreter"] if name == "auto" else name
+            lo, hi = r["ratio_range"]
             lines.append(
-                f"{mode:<8}{label:<8}{e['bytes']:>9,}{e['size_ratio_to_float']:>8.3f}"
+                f"{mode:<13}{label:<8}{e['bytes']:>10,}{e['size_ratio_to_float']:>8.3f}"
                 f"{r['median_us']:>9.1f}{r['p90_us']:>9.1f}{r['cpu_median_us']:>9.1f}"
-                f"{r['median_ratio_to_float']:>9.2f}{r['p90_ratio_to_float']:>9.2f}"
+                f"{r['median_ratio_to_float']:>9.2f}{f'{lo:.2f}-{hi:.2f}':>13}"
+                f"{r['p90_ratio_to_float']:>9.2f}"
                 f"{r['top1_agreement']:>10.4f}{r['max_abs_diff']:>12.2e}"
                 + (f"{r['tflite_accuracy']:>8.4f}" if has_acc else ""))
     return "\n".join(lines)
@@ -553,10 +634,11 @@ def format_table(report):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # the converter's SavedModel notes
-    runs, warmup, eval_samples, train_steps = (
-        FLAGS.runs, FLAGS.warmup, FLAGS.eval_samples, FLAGS.train_steps)
+    runs, warmup, eval_samples, train_steps, blocks = (
+        FLAGS.runs, FLAGS.warmup, FLAGS.eval_samples, FLAGS.train_steps,
+        FLAGS.blocks)
     if FLAGS.smoke:
-        runs, warmup, eval_samples, train_steps = 5, 1, 20, 0
+        runs, warmup, eval_samples, train_steps, blocks = 5, 1, 20, 0, 1
     elif runs < MIN_RUNS:
         raise app.UsageError(f"--runs must be >= {MIN_RUNS} (got {runs}); "
                              "only --smoke runs fewer.")
@@ -565,14 +647,19 @@ def main(argv):
                              "--train_batch_size must be >= 1.")
     if warmup < 0 or train_steps < 0:
         raise app.UsageError("--warmup and --train_steps must be >= 0.")
+    if not 1 <= blocks <= runs:
+        raise app.UsageError(f"--blocks must be between 1 and --runs ({runs}); "
+                             f"got {blocks}.")
+    if FLAGS.model != "cnn":
+        train_steps = 0  # random 32x32x3 images: nothing to learn
 
-    print(f"TFLite benchmark: {FLAGS.num_bits}-bit {FLAGS.quantizer}, weights "
-          f"codes {FLAGS.weight_dtype}, train_steps {train_steps}"
+    print(f"TFLite benchmark: {FLAGS.model}, {FLAGS.num_bits}-bit "
+          f"{FLAGS.quantizer}, train_steps {train_steps}"
           f"{' (x2: float, then ' + FLAGS.estimator + ')' if train_steps else ''}, "
           f"interpreter {FLAGS.interpreter}.")
     report = run_benchmark(
         quantizer=FLAGS.quantizer, num_bits=FLAGS.num_bits,
-        weight_dtype=FLAGS.weight_dtype, estimator=FLAGS.estimator,
+        estimator=FLAGS.estimator, model=FLAGS.model, blocks=blocks,
         train_steps=train_steps, train_batch_size=FLAGS.train_batch_size,
         batch_size=FLAGS.batch_size, runs=runs, warmup=warmup,
         eval_samples=eval_samples, interpreter=FLAGS.interpreter,
@@ -585,8 +672,10 @@ def main(argv):
           + ", ".join(f"{k} -> {v}" for k, v in env["interpreters"].items())
           + f"; {env['cpu_count']} CPUs.")
     print(f"Latency: batch {cfg['batch_size']}, 1 thread, median / p90 of "
-          f"{cfg['runs']} invoke() calls per row after {cfg['warmup']} warm-up, "
-          "rows interleaved; ratios to the float file in the same interpreter.")
+          f"{cfg['runs']} invoke() calls per row in {cfg['blocks']} block(s) of "
+          f"fresh interpreters ({cfg['warmup']} warm-up each), rows interleaved; "
+          "ratios to the float file in the same interpreter; 'blocks x fl': "
+          "lowest-highest of the blocks' median ratios.")
     print(f"Agreement: {cfg['eval_samples']} images of {cfg['data']} vs the "
           "Keras quantized model" + ("; acc = the file's test accuracy."
                                      if not cfg["random_data"] else "."))
@@ -596,14 +685,15 @@ def main(argv):
         print(f"  Keras quantized model accuracy on these images: "
               f"{first['keras_accuracy']:.4f}")
     for mode, e in report["results"].items():
-        print(f"  {mode:<8} constant tensors: "
+        print(f"  {mode:<13} constant tensors: "
               + ", ".join(f"{k} x{v}" for k, v in e["const_tensor_types"].items()))
     if report["tflite_vs_litert"]:
         print("Same file, tf.lite vs LiteRT outputs: " + "; ".join(
             f"{m} max|d| {c['max_abs_diff']:.2e}, top-1 {c['top1_agreement']:.4f}"
             for m, c in report["tflite_vs_litert"].items()))
     if cfg["random_data"]:
-        print("NOTE: RANDOM inputs, untrained model (no prepared MNIST).")
+        print("NOTE: RANDOM inputs, untrained model"
+              + (" (no prepared MNIST)." if FLAGS.model == "cnn" else "."))
     if FLAGS.output_json:
         with open(FLAGS.output_json, "w") as f:
             json.dump(report, f, indent=1)

@@ -21,7 +21,7 @@ Wang & Pan, NeurIPS 2019, Table 1):
    measured after every epoch; the paper's metric is the mean over the last
    10 epochs (of 5 runs; this is one run).
 3. **Export.** The quantized model is converted to TFLite ("weights" mode:
-   1-bit kernels stored as int4 codes with per-channel scales) and checked
+   1-bit kernels stored as int8 codes with per-channel scales) and checked
    against Keras on the test images.
 
 Paper, Table 1 (ResNet20, 1-bit DoReFa): SGD: STE 80.745, MultiFC 88.942;

@@ -6,9 +6,9 @@ wrapper, no meta network and no MetaQuant training state remain, so any Keras
 tool (saving, TFLite, serving) takes it as it is.
 
 `convert_to_tflite` converts that model to a TFLite flatbuffer with builtin
-ops only: "weights" mode stores each quantized kernel as exact int4/int8
-codes with per-channel scales and keeps float arithmetic (see
-`tflite_weights`); "int8" mode is the converter's full-integer model;
+ops only: "weights" mode stores each quantized kernel as exact integer
+codes (int8 by default, int4 on request) with per-channel scales and keeps
+float arithmetic (see `tflite_weights`); "int8" mode is the converter's full-integer model;
 "float" mode keeps float32 kernels. `verify_tflite` measures how a file
 agrees with its Keras model. `python -m mq_keras.export` converts a saved
 `.keras` file from the shell; it loads the file in Keras' safe mode (no
@@ -32,7 +32,36 @@ from mq_keras.models import MetaQuantModel, iter_layers
 from mq_keras.cloning import clone_graph, copy_layer, is_graph_model
 
 MODES = ("weights", "int8", "float")
-WEIGHT_DTYPES = ("auto", "int8")
+# Storage of the codes in "weights" mode; the first is the default.
+WEIGHT_DTYPES = ("int8", "int4")
+# Accepted but deprecated: the pre-int8-default name of "int4".
+_WEIGHT_DTYPE_ALIASES = {"auto": "int4"}
+
+
+def _weight_dtype(weight_dtype):
+    """Returns the canonical name of `weight_dtype`, or raises ValueError.
+
+    "auto" (int4 where the codes fit) was the default until the default
+    became "int8"; it still gives the same file as "int4", with a
+    DeprecationWarning, so that code written for it keeps working.
+    """
+    if weight_dtype in _WEIGHT_DTYPE_ALIASES:
+        canonical = _WEIGHT_DTYPE_ALIASES[weight_dtype]
+        warnings.warn(
+            f'weight_dtype={weight_dtype!r} is deprecated; it means '
+            f'{canonical!r} (int4 codes where they fit: the smallest file, but '
+            'convolutions fed by int4 codes run 2.6-4.6x slower in LiteRT). '
+            f'Pass weight_dtype={canonical!r} to keep this file, or leave the '
+            'default "int8" (float speed at about 0.27-0.29x the float file).',
+            DeprecationWarning, stacklevel=3)
+        return canonical
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(
+            f"Unknown weight_dtype {weight_dtype!r}; allowed values are "
+            f"{WEIGHT_DTYPES} (\"int8\": the default, float speed; \"int4\": "
+            "smallest file, slower convolutions)."
+        )
+    return weight_dtype
 
 
 def _graph_model(model):
@@ -290,7 +319,7 @@ def _as_representative(dataset, input_shape=None):
 
 
 def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
-                      weight_dtype="auto", io_dtype="float32"):
+                      weight_dtype="int8", io_dtype="float32"):
     """Converts a quantized model to a TFLite flatbuffer (builtin ops only).
 
     A `MetaQuantModel` or a model with `MetaQuantWrapper` layers is first
@@ -303,15 +332,21 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
             Keras; each quantized kernel is stored as integer codes with one
             scale per output channel (`codes * scales` equals the Keras kernel
             `Q(A(W))`, BatchNorm folded in, to float rounding) and a builtin
-            DEQUANTIZE op expands it. Codes are int4 where they fit
-            (|code| <= 7: 1-3-bit DoReFa, BWN, ternary, uniform up to 4
-            bits) and int8 otherwise; 8-bit DoReFa needs 9-bit codes and
-            stays float32. Layers left float stay float32. Speed: int8
-            codes run at float speed; int4 codes at 2x float latency with
-            tf.lite and 3.7x with LiteRT 2.3 (batch 1, one thread,
-            examples/benchmark_tflite.py; apparently XNNPACK does not take
-            convolutions fed by an int4 DEQUANTIZE); choose
-            `weight_dtype="int8"` for speed, "auto" for size.
+            DEQUANTIZE op expands it. By default the codes are int8
+            (`weight_dtype="int8"`): the XNNPACK delegate, which LiteRT and
+            tf.lite apply by default on CPU, expands an int8 DEQUANTIZE of a
+            constant once when the model loads and then runs the float op, so
+            the file runs at float speed, at about 0.27-0.29x the float
+            file's size (measured: examples/benchmark_tflite.py and the
+            README's "TFLite latency"). `weight_dtype="int4"` stores codes
+            that fit in [-7, 7] (1-3-bit DoReFa, BWN, ternary, uniform up to
+            4 bits) as int4, two a byte: about 0.15-0.17x the float file, but
+            that delegate does not expand int4 constants, so every
+            convolution fed by one falls back to TFLite's own kernels:
+            2.6-4.6x float latency (batch 1, one thread, LiteRT 2.3). Codes
+            that do not fit int4 are int8 either way; 8-bit DoReFa needs
+            9-bit codes and stays float32, and layers left float stay
+            float32.
         "int8": full-integer model (int8 weights and activations, float
             input/output unless `io_dtype`). A model trained with
             `activation_quantizer=` carries its ranges: the file's scales are
@@ -329,8 +364,10 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
         representative_dataset: inputs for "int8" calibration: an array of
             examples, a `tf.data.Dataset` of batches (or (x, y) batches), or a
             generator factory as TFLite takes it. Only for mode="int8".
-        weight_dtype: "auto" (int4 where it fits, else int8: smallest) or
-            "int8" (fastest), for mode="weights".
+        weight_dtype: storage of the codes in mode="weights": "int8"
+            (default; float speed) or "int4" (int4 where the codes fit:
+            smallest file, slower convolutions). "auto", the former default,
+            is a deprecated alias of "int4" (DeprecationWarning).
         io_dtype: "float32" (default), or "int8"/"uint8" input and output for
             delegates that need them: mode="int8" on a model trained with
             activation quantizers only.
@@ -355,11 +392,7 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
     """
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; allowed modes are {MODES}.")
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(
-            f"Unknown weight_dtype {weight_dtype!r}; allowed values are "
-            f"{WEIGHT_DTYPES}."
-        )
+    weight_dtype = _weight_dtype(weight_dtype)
     graph = _graph_model(model)
     trained = int8_graph.has_activation_ranges(graph)
     int8_graph.check_int8_options(mode, trained, representative_dataset, io_dtype)
@@ -416,7 +449,7 @@ def _convert_mode(graph, mode, representative, weight_dtype):
         full = _convert(graph, representative_dataset=representative)
         return tflite_weights.regrid_int8_filters(full, flat)[0]
     packed, _ = tflite_weights.store_kernels_as_codes(
-        flat, allow_int4=weight_dtype == "auto")
+        flat, allow_int4=weight_dtype == "int4")
     return packed
 
 
@@ -523,7 +556,14 @@ def _main(argv=None):
     parser.add_argument("model", help="path of the .keras file")
     parser.add_argument("output", help="path of the .tflite file to write")
     parser.add_argument("--mode", default="weights", choices=MODES)
-    parser.add_argument("--weight_dtype", default="auto", choices=WEIGHT_DTYPES)
+    parser.add_argument(
+        "--weight_dtype", default=WEIGHT_DTYPES[0],
+        choices=WEIGHT_DTYPES + tuple(_WEIGHT_DTYPE_ALIASES),
+        help='--mode weights: storage of the codes. "int8" (default) runs at '
+             'float speed at about 0.27-0.29x the float file; "int4" gives about '
+             "0.15-0.17x but its convolutions run 2.6-4.6x slower in LiteRT. "
+             '"auto" is a deprecated name of "int4".',
+    )
     parser.add_argument(
         "--representative_data",
         help='mode "int8": a .npy file of example inputs for calibration',

@@ -15,13 +15,29 @@ and GATHER (embedding tables):
    `M = 2^(k-1) - 1`, BWN and ternary `M = 1`; a BatchNorm folded in per
    channel only rescales `s_c`;
 2. stores the codes `q = round(v / s_c)` with per-channel scales `s_c` and
-   zero points 0, as int4 (two codes a byte, low nibble first) when every
-   |q| <= 7 and int4 is allowed, else as int8;
+   zero points 0, as int8 (the default), or, when int4 is allowed and every
+   |q| <= 7, as int4 (two codes a byte, low nibble first);
 3. inserts a builtin DEQUANTIZE op that turns them back into the float filter,
    so the op itself runs in float exactly as before. With constant input the
-   op's output is a constant. Timed here (TF 2.21, LiteRT 2.3): int8 codes run
-   at float speed, int4 codes 2-3.7x slower, apparently because XNNPACK does
-   not take convolutions fed by an int4 DEQUANTIZE.
+   op's output is a constant.
+
+Why int8 by default: on CPU, LiteRT and tf.lite hand the graph to the XNNPACK
+delegate, which expands the DEQUANTIZE of a constant FP16 or INT8 tensor once,
+when the model loads, and then runs the float op on the expanded filter
+(`Delegate::PrepareOpsToDelegate` in tensorflow/lite/delegates/xnnpack/
+xnnpack_delegate.cc takes only those two input types). INT4 is not expanded:
+the filter then reaches the op as a computed tensor, which XNNPACK's
+convolutions do not take, so each convolution fed by int4 codes runs in
+TFLite's own kernels instead. Measured (LiteRT 2.3, batch 1, one thread):
+int8 codes run at float speed; int4 codes take 2.6-4.6x float latency on
+the three CNNs of the README (ResNet20 7.5x in another run). Also tried for
+int4, none fast: one scale per tensor instead of per channel (same
+latency); 2-D codes with a RESHAPE to the filter shape after DEQUANTIZE
+(same or slower); int4 filters fed to the op without DEQUANTIZE (the hybrid
+kernels then quantize the activations on the fly: slow and no longer
+exact). A FULLY_CONNECTED fed by int4 codes is delegated, as an op with a
+run-time filter: float speed for the small classifier of the main job's
+CNN, 1.7x float on a 784-1024-1024-10 MLP.
 
 A filter that is not on such a grid (a layer left float) is left as it is,
 and so is one that needs `M_c > 127`: 8-bit DoReFa's 256 odd levels
@@ -179,12 +195,15 @@ def op_names(flatbuffer):
     return out
 
 
-def store_kernels_as_codes(flatbuffer, *, allow_int4=True):
+def store_kernels_as_codes(flatbuffer, *, allow_int4=False):
     """Returns `(new_flatbuffer, report)` with grid kernels stored as int codes.
 
     Args:
         flatbuffer: bytes of a float TFLite model.
-        allow_int4: store kernels whose codes fit in [-7, 7] as int4.
+        allow_int4: store kernels whose codes fit in [-7, 7] as int4 (about
+            half the bytes of int8, but convolutions fed by int4 codes leave
+            the XNNPACK delegate and run several times slower; see the module
+            docstring). Default: int8 codes everywhere.
 
     Returns:
         The rewritten model as bytes, and a list with one dict per filter:

@@ -66,12 +66,11 @@ def test_ema_ranges():
 def test_quantizers_sit_where_tflite_quantizes():
     q = mqk.quantize_model(tiny_cnn(), activation_quantizer="ema", verbose=False)
     graph = q.quantized_model
-    fed_by = [layer._inbound_nodes[0].parent_nodes[0].operation.name
-              if layer._inbound_nodes[0].parent_nodes else "input"
+    fed_by = [type(layer._inbound_nodes[0].parent_nodes[0].operation).__name__
               for layer in graph.layers if isinstance(layer, mqk.ActivationQuantizer)]
     # Input, the fused conv+BN+ReLU block's end, the logits; not the conv or
     # BN inside the block, nor Flatten (same scale as its input).
-    assert len(fed_by) == 3 and fed_by[1] == "re_lu" and fed_by[2] == "quant_fc"
+    assert fed_by == ["InputLayer", "ReLU", "MetaQuantWrapper"]
     assert all(isinstance(l, mqk.ActivationQuantizer) for l in graph.layers[1:2])
 
 

@@ -378,9 +378,21 @@ def test_convert_weights_with_representative_dataset(qmodel):
 
 
 def test_convert_unknown_weight_dtype(qmodel):
-    with pytest.raises(ValueError, match=r"Unknown weight_dtype 'int4'; allowed values "
-                       r"are \('auto', 'int8'\)"):
-        mqk.convert_to_tflite(qmodel, weight_dtype="int4")
+    with pytest.raises(ValueError, match=r"Unknown weight_dtype 'int2'; allowed values "
+                       r"are \('int8', 'int4'\) \(\"int8\": the default, float speed; "
+                       r"\"int4\": smallest file"):
+        mqk.convert_to_tflite(qmodel, weight_dtype="int2")
+
+
+def test_convert_deprecated_weight_dtype_auto(qmodel):
+    with pytest.warns(DeprecationWarning, match=r"weight_dtype='auto' is deprecated; "
+                      r"it means 'int4'.*Pass weight_dtype='int4' to keep this file"):
+        mqk.convert_to_tflite(qmodel, weight_dtype="auto")
+
+
+def test_cli_unknown_weight_dtype(capsys, tmp_path):
+    err = _cli_error(capsys, ["m.keras", "m.tflite", "--weight_dtype", "int2"])
+    assert re.search(r"invalid choice: 'int2' \(choose from .*int8.*int4", err), err
 
 
 @pytest.mark.parametrize("data,shape", [

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "benchmark_tflite.py"
-MODES = ("float", "weights", "int8")
+MODES = ("float", "weights", "weights_int4", "int8")
 
 
 def _mnist_example_architecture():
@@ -57,9 +57,15 @@ def test_benchmark_tflite_smoke(tmp_path, data, run_python):
             assert t["max_abs_diff"] >= 0.0
     assert results["weights"]["bytes"] < results["float"]["bytes"]
     assert results["float"]["size_ratio_to_float"] == 1.0
-    # 1-bit DoReFa: every kernel is stored as int4 codes.
-    assert results["weights"]["const_tensor_types"].get("INT4") == 3
-    assert "DEQUANTIZE" in results["weights"]["ops"]
+    # 1-bit DoReFa: the default file stores every kernel as int8 codes, the
+    # weight_dtype="int4" file as int4 codes.
+    assert results["weights"]["const_tensor_types"].get("INT8") == 3
+    assert "INT4" not in results["weights"]["const_tensor_types"]
+    assert results["weights_int4"]["const_tensor_types"].get("INT4") == 3
+    assert results["weights_int4"]["bytes"] < results["weights"]["bytes"]
+    for mode in ("weights", "weights_int4"):
+        assert "DEQUANTIZE" in results[mode]["ops"]
+    assert cfg["blocks"] == 1 and cfg["files"]["weights_int4"]["weight_dtype"] == "int4"
     # The float file computes what Keras computes (to float rounding; a
     # near-tie of an untrained model's logits may flip one of 20).
     for t in results["float"]["interpreters"].values():
@@ -70,3 +76,9 @@ def test_benchmark_tflite_enforces_min_runs(run_python):
     proc = run_python(SCRIPT, "--runs=10")
     assert proc.returncode != 0
     assert "--runs must be >= 50" in proc.stdout + proc.stderr
+
+
+def test_benchmark_tflite_checks_blocks(run_python):
+    proc = run_python(SCRIPT, "--runs=50", "--blocks=51")
+    assert proc.returncode != 0
+    assert "--blocks must be between 1 and --runs (50); got 51" in proc.stdout + proc.stderr

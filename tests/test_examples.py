@@ -47,3 +47,15 @@ def test_mnist_smoke(tmp_path, data, seeds, run_python):
                      f"mnist_metaquant_seed{seed}_float.tflite",
                      f"mnist_metaquant_seed{seed}_int8.tflite"):
             assert (tmp_path / name).is_file(), name
+
+
+@pytest.mark.usefixtures("mnist_available")
+def test_full_integer_smoke(tmp_path, run_python):
+    out_json = tmp_path / "fi.json"
+    result = run_python(_REPO / "examples" / "full_integer.py", "--model=mnist", "--seeds=1",
+                        "--steps=20", "--test_limit=300", f"--output_json={out_json}",
+                        cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = json.loads(out_json.read_text())
+    assert run["top1_agreement"] >= 0.99 and run["step_ratio"] > 0
+    assert "top1_agreement" in result.stdout and "+-" in result.stdout

@@ -41,7 +41,7 @@ def test_readme_subclassed_example_runs(tmp_path):
     blob = scope["tflite_bytes"]
     report = mqk.verify_tflite(q, blob, x)
     assert report["top1_agreement"] == 1.0 and report["max_abs_diff"] < 1e-4
-    # 2-bit kernels as int4 codes; 8-bit DoReFa needs 9-bit codes (float32).
+    # 2-bit kernels as integer codes; 8-bit DoReFa needs 9-bit codes (float32).
     stored = sorted(int(np.abs(c).max()) for c, _, _ in tflite_weights.filter_values(blob).values())
     assert stored == [3, 3]  # the two 2-bit block kernels: codes in {-3, -1, 1, 3}
 

@@ -1,9 +1,11 @@
 """TFLite weights mode: the stored integer codes reproduce the Keras kernels.
 
-Reads each .tflite file as a phone would (int4/int8 codes and per-channel
-scales) and compares `codes * scales` with the Keras quantized kernel Q(A(W))
-in TFLite's layout, for every quantizer and bit width, for BatchNorm folded
-into a conv, and checks builtin ops only, sizes and the shell round trip.
+Reads each .tflite file as a phone would (int8 codes by default, int4 with
+weight_dtype="int4", and per-channel scales) and compares `codes * scales`
+with the Keras quantized kernel Q(A(W)) in TFLite's layout, for every
+quantizer and bit width and both code types, for BatchNorm folded into a
+conv, and checks builtin ops only, sizes, the default code type and the
+shell round trip.
 """
 
 import subprocess
@@ -74,9 +76,10 @@ def _quantized(index, quantizer, bits, options):
                               meta_network="fc_grad", verbose=False)
 
 
-@pytest.fixture(scope="module")
-def all_cases_file():
-    """Every case's stripped model side by side in one model, converted once.
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def all_cases_file(request):
+    """Every case's stripped model side by side in one model, converted once
+    per code type (the default int8, and int4 where the codes fit).
 
     (One conversion instead of one per case: the converter's fixed cost
     dominates. Each case has its own random weights, so a kernel can only
@@ -88,17 +91,18 @@ def all_cases_file():
         q = _quantized(index, *case)
         models[case[:2] + (str(case[2]),)] = q
         outputs.append(mqk.strip_model(q)(inp))
-    blob = mqk.convert_to_tflite(keras.Model(inp, outputs))
+    blob = mqk.convert_to_tflite(keras.Model(inp, outputs), weight_dtype=request.param)
     decoded = _decoded(blob)
     # Three filters per case, stored as codes, except DoReFa 8-bit's.
     assert len(decoded) == 3 * (len(CASES) - 1)
-    return blob, decoded, models
+    return blob, decoded, models, request.param
 
 
 @pytest.mark.parametrize("quantizer,bits,options", CASES)
 def test_codes_times_scales_equal_keras_kernels(all_cases_file, quantizer, bits, options):
-    blob, decoded, models = all_cases_file
+    blob, decoded, models, weight_dtype = all_cases_file
     q = models[(quantizer, bits, str(options))]
+    int4 = _const_types(blob, "INT4")
     for w in q.wrappers:
         expected = _tflite_layout(w.quantized_kernels()["kernel"], w.layer)
         if quantizer == "dorefa" and bits == 8:
@@ -109,6 +113,9 @@ def test_codes_times_scales_equal_keras_kernels(all_cases_file, quantizer, bits,
         codes, axis = _match(decoded, expected)
         per_channel = np.moveaxis(codes, axis, 0).reshape(codes.shape[axis], -1)
         assert max(len(np.unique(c)) for c in per_channel) <= 2**bits
+        # int4 exactly where asked for and the codes fit in [-7, 7].
+        fits = int(np.abs(codes).max()) <= 7
+        assert (_name_of(blob, codes) in int4) == (weight_dtype == "int4" and fits)
     assert not any(op.startswith("FLEX") or not op.isupper()
                    for op in tflite_weights.op_names(blob))
 
@@ -130,17 +137,61 @@ def test_batchnorm_folded_kernel_decodes_to_folded_keras_values():
     assert report["max_rel_diff"] < 1e-5 and report["top1_agreement"] == 1.0
 
 
-def test_weights_mode_size_and_int4():
+def _const_types(blob, type_name):
+    """Names of the constant tensors of type `type_name` ("INT4", "INT8")."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = tflite_weights._read_model(blob)
+    wanted = getattr(schema.TensorType, type_name)
+    return {tflite_weights._name(t) for sg in model.subgraphs for t in sg.tensors
+            if t.type == wanted and model.buffers[t.buffer].data is not None}
+
+
+def _name_of(blob, codes):
+    """Name of the stored code tensor equal to `codes`."""
+    for name, (stored, _, _) in tflite_weights.filter_values(blob).items():
+        if stored.shape == codes.shape and np.array_equal(stored, codes):
+            return name
+    raise AssertionError("codes not found")
+
+
+def _size_model():
     inp = keras.Input((28, 28, 1))
     x = keras.layers.Conv2D(32, 3)(inp)
     x = keras.layers.Conv2D(32, 3, strides=2)(x)
     x = keras.layers.Flatten()(x)
-    q = mqk.quantize_model(keras.Model(inp, keras.layers.Dense(10)(x)), verbose=False)
+    return mqk.quantize_model(keras.Model(inp, keras.layers.Dense(10)(x)), verbose=False)
+
+
+def test_default_stores_int8_codes_and_int4_is_an_option():
+    # 1-bit DoReFa: codes in {-1, 1}, which int4 could hold. The default is
+    # still int8 (XNNPACK runs it at float speed); int4 only when asked for.
+    q = _size_model()
     floats = len(mqk.convert_to_tflite(q, mode="float"))
-    int4 = len(mqk.convert_to_tflite(q))
-    int8 = len(mqk.convert_to_tflite(q, weight_dtype="int8"))
-    assert int8 <= 0.27 * floats
-    assert int4 <= 0.15 * floats
+    default = mqk.convert_to_tflite(q)
+    int8 = mqk.convert_to_tflite(q, weight_dtype="int8")
+    int4 = mqk.convert_to_tflite(q, weight_dtype="int4")
+    assert default == int8
+    assert len(_const_types(default, "INT8")) == 3 and not _const_types(default, "INT4")
+    assert len(_const_types(int4, "INT4")) == 3 and not _const_types(int4, "INT8")
+    assert len(default) <= 0.27 * floats
+    assert len(int4) <= 0.15 * floats
+    # Both decode to the same kernels, exactly: int4 codes equal int8 codes.
+    d8, d4 = tflite_weights.filter_values(int8), tflite_weights.filter_values(int4)
+    assert sorted(d8) == sorted(d4)
+    for name, (codes, scales, axis) in d8.items():
+        np.testing.assert_array_equal(codes, d4[name][0])
+        np.testing.assert_array_equal(scales, d4[name][1])
+        assert axis == d4[name][2]
+    for w in q.wrappers:
+        _match(_decoded(int4), _tflite_layout(w.quantized_kernels()["kernel"], w.layer))
+    x = np.random.default_rng(5).normal(size=(4, 28, 28, 1)).astype("float32")
+    for blob in (int8, int4):
+        report = mqk.verify_tflite(q, blob, x)
+        assert report["max_rel_diff"] < 1e-5 and report["top1_agreement"] == 1.0
+    # "auto", the former default, is a deprecated name of "int4".
+    with pytest.warns(DeprecationWarning, match="'auto' is deprecated"):
+        assert mqk.convert_to_tflite(q, weight_dtype="auto") == int4
 
 
 def test_shell_conversion_round_trip(tmp_path):

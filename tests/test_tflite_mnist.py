@@ -1,6 +1,6 @@
 """A 1-bit MetaQuant model trained on real MNIST agrees with its TFLite files.
 
-Weights mode (float arithmetic, exact int4 codes): logits within 1e-4 and
+Weights mode (float arithmetic, exact int8 codes): logits within 1e-4 and
 top-1 identical on the whole MNIST test set. Full-int8 mode: top-1 agreement
 >= 99% and accuracy within 0.5 points of Keras.
 """
