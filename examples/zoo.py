@@ -267,6 +267,17 @@ def load_pretrained_resnet20(model, npz_path):
 
 # ------------------------------------------------------------------------ data
 
+def prepared_tfds_dir(name):
+    """The tfds data dir (`$TFDS_DATA_DIR`) holding a prepared `name`, or None."""
+    import glob
+
+    data_dir = os.environ.get("TFDS_DATA_DIR")
+    if data_dir and glob.glob(os.path.join(data_dir, name, "*",
+                                           "dataset_info.json")):
+        return data_dir
+    return None
+
+
 def _tfds():
     import tensorflow_datasets as tfds  # after TFDS_DATA_DIR is set above
 
