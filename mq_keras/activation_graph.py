@@ -58,7 +58,8 @@ def _needs_quantizer(producer, consumer):
     return True
 
 
-def _producer(tensor):
+def producer_of(tensor):
+    """The operation that made a symbolic tensor (None for a model input)."""
     # Keras' own record of which operation made a symbolic tensor.
     history = getattr(tensor, "_keras_history", None)
     return history.operation if history is not None else None
@@ -78,7 +79,7 @@ def insert_activation_quantizers(model, make_quantizer):
     cache = {}
 
     def quantized(tensor, consumer):
-        producer = _producer(tensor)
+        producer = producer_of(tensor)
         if producer is None or not _needs_quantizer(producer, consumer):
             return tensor
         if id(tensor) not in cache:
@@ -99,5 +100,5 @@ def insert_activation_quantizers(model, make_quantizer):
 
 
 def _needs_output_quantizer(tensor):
-    producer = _producer(tensor)
+    producer = producer_of(tensor)
     return producer is not None and not isinstance(_kind(producer), _SAME_SCALE)

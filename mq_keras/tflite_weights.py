@@ -317,6 +317,17 @@ def _name(tensor):
     return tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
 
 
+def _float_constant(model, sg, op, position):
+    """The float32 constant at input `position` of `op`, or None."""
+    if len(op.inputs) <= position or int(op.inputs[position]) < 0:
+        return None
+    t = sg.tensors[int(op.inputs[position])]
+    data = model.buffers[t.buffer].data
+    if t.type != schema.TensorType.FLOAT32 or data is None:
+        return None
+    return np.frombuffer(bytes(data), np.float32).astype(np.float64)
+
+
 def regrid_int8_filters(int8_flatbuffer, float_flatbuffer):
     """Puts a full-integer model's int8 filters on the kernels' exact grids.
 
@@ -324,20 +335,23 @@ def regrid_int8_filters(int8_flatbuffer, float_flatbuffer):
     lands 2^k-level grids between int8 codes (a 2-bit level 1/3 becomes
     42/127). Per output channel with grid `v = s * L`, |L| <= M, this stores
     `codes = L * f` and `scale = s / f` with `f = floor(127 / M)` (the most
-    int8 resolution an exact grid allows), and rescales the int32 bias, whose
-    scale must stay input_scale * filter_scale. Filters are matched to the
+    int8 resolution an exact grid allows), and requantizes the int32 bias, whose
+    scale must stay input_scale * filter_scale, from the float file's bias. Filters are matched to the
     float model's by tensor name; one on no grid is left as converted.
 
     Returns:
         `(new_int8_flatbuffer, number of filters put on their grid)`.
     """
-    exact = {}
+    exact, float_bias = {}, {}
     fmodel = _read_model(float_flatbuffer, "float_flatbuffer")
-    for sg, _, t_index, axis in _filter_tensors(fmodel):
+    for sg, op, t_index, axis in _filter_tensors(fmodel):
         t = sg.tensors[t_index]
         buf = fmodel.buffers[t.buffer]
         if t.type == schema.TensorType.FLOAT32 and buf.data is not None:
             exact[_name(t)] = np.frombuffer(bytes(buf.data), np.float32).reshape(t.shape)
+            bias = _float_constant(fmodel, sg, op, 2)
+            if bias is not None:
+                float_bias[_name(t)] = bias
     model = _read_model(int8_flatbuffer, "int8_flatbuffer")
     changed = 0
     seen = set()
@@ -372,10 +386,46 @@ def regrid_int8_filters(int8_flatbuffer, float_flatbuffer):
             if bias.type == schema.TensorType.INT32 and bbuf.data is not None:
                 b = np.frombuffer(bytes(bbuf.data), np.int32).astype(np.float64)
                 ratio = old_scales.astype(np.float64) / new_scales.astype(np.float64)
-                new_b = np.clip(np.round(b * ratio), -2**31, 2**31 - 1).astype(np.int32)
+                new_scale = (np.asarray(bias.quantization.scale, np.float64) / ratio
+                             ).astype(np.float32)
+                # Rounded once, from the float bias where the float file has
+                # it: rescaling the converter's rounded int32 would round twice
+                # (up to one int32 step off instead of half).
+                real = float_bias.get(_name(t))
+                if real is not None and real.shape == b.shape:
+                    b = real / new_scale.astype(np.float64)
+                else:
+                    b = b * ratio
+                new_b = np.clip(np.round(b), -2**31, 2**31 - 1).astype(np.int32)
                 bbuf.data = np.frombuffer(new_b.tobytes(), np.uint8)
-                bias.quantization.scale = (
-                    np.asarray(bias.quantization.scale, np.float64) / ratio
-                ).astype(np.float32)
+                bias.quantization.scale = new_scale
         changed += 1
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), changed
+
+
+def filter_biases(flatbuffer):
+    """The int32 biases of a full-integer file's filter ops, in op order.
+
+    Returns:
+        A list with one dict per CONV_2D / DEPTHWISE_CONV_2D /
+        FULLY_CONNECTED / TRANSPOSE_CONV op that has an int32 bias:
+        `codes` (int64 array, one per output channel), `scales` (float64,
+        the bias scale `input_scale * filter_scale` per channel) and
+        `output_scale` (float, the op's output quantization step).
+    """
+    model = _read_model(flatbuffer)
+    found = []
+    for sg, op, _, _ in _filter_tensors(model):
+        bias_index = 3 if _op_code(model, op) == schema.BuiltinOperator.TRANSPOSE_CONV else 2
+        if len(op.inputs) <= bias_index or int(op.inputs[bias_index]) < 0:
+            continue
+        bias = sg.tensors[int(op.inputs[bias_index])]
+        data = model.buffers[bias.buffer].data
+        out = sg.tensors[int(op.outputs[0])]
+        if bias.type != schema.TensorType.INT32 or data is None or out.quantization is None:
+            continue
+        codes = np.frombuffer(bytes(data), np.int32).astype(np.int64)
+        scales = np.broadcast_to(np.asarray(bias.quantization.scale, np.float64), codes.shape)
+        found.append(dict(codes=codes, scales=np.array(scales),
+                          output_scale=float(np.asarray(out.quantization.scale)[0])))
+    return found
