@@ -43,7 +43,8 @@ flags.DEFINE_integer("num_bits", 2, "Weight bits (DoReFa).")
 flags.DEFINE_integer("activation_bits", 8, "Activation bits.")
 flags.DEFINE_integer("steps", 300, "Training steps per run.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
-flags.DEFINE_float("lr", 0.01, "SGD learning rate (momentum 0.9).")
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "SGD (momentum 0.9) or Adam.")
+flags.DEFINE_float("lr", 0.01, "Learning rate.")
 flags.DEFINE_integer("seeds", 3, "Seeds.", lower_bound=1)
 flags.DEFINE_integer("test_limit", 10000, "Test images.")
 flags.DEFINE_integer("float_steps", None, "Float training steps (Adam 1e-3, batch 64) "
@@ -91,14 +92,16 @@ def _float_model(x, y):
 
 
 def _quantized(model, *, activations):
-    """The compiled quantized model (MetaQuant MultiFC, SGD with momentum)."""
+    """The compiled quantized model (MetaQuant MultiFC; SGD with momentum, or Adam)."""
     import keras
     import mq_keras
 
     q = mq_keras.quantize_model(model, num_bits=FLAGS.num_bits, verbose=False,
                                 activation_quantizer="ema" if activations else None,
                                 activation_bits=FLAGS.activation_bits if activations else None)
-    q.compile(optimizer=keras.optimizers.SGD(FLAGS.lr, momentum=0.9),
+    optimizer = (keras.optimizers.Adam(FLAGS.lr) if FLAGS.optimizer == "adam"
+                 else keras.optimizers.SGD(FLAGS.lr, momentum=0.9))
+    q.compile(optimizer=optimizer,
               meta_optimizer=mq_keras.PaperAdam(1e-3),
               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
               metrics=["accuracy"])
@@ -152,7 +155,7 @@ def main(argv):
     import numpy as np
 
     print(f"{FLAGS.model}: w{FLAGS.num_bits}a{FLAGS.activation_bits}, {FLAGS.steps} steps, "
-          f"{FLAGS.seeds} seeds (mean +- std, then per seed)")
+          f"{FLAGS.seeds} seeds, {FLAGS.optimizer} lr {FLAGS.lr} (mean +- std, then per seed)")
     for key in ("keras_accuracy", "tflite_accuracy", "float_activation_accuracy",
                 "top1_agreement", "max_logit_diff_steps", "tflite_bytes", "step_ratio"):
         vals = [r[key] for r in results]

@@ -59,3 +59,17 @@ def test_full_integer_smoke(tmp_path, run_python):
     (run,) = json.loads(out_json.read_text())
     assert run["top1_agreement"] >= 0.99 and run["step_ratio"] > 0
     assert "top1_agreement" in result.stdout and "+-" in result.stdout
+
+
+@pytest.mark.usefixtures("mnist_available")
+def test_peer_files_smoke(tmp_path, run_python):
+    out_json = tmp_path / "peer.json"
+    result = run_python(_REPO / "examples" / "peer_files.py", "--steps=6", "--runs=4",
+                        "--blocks=1", "--test_limit=200", "--pretrain_steps=4",
+                        f"--output_json={out_json}", cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {r["file"]: r for r in json.loads(out_json.read_text())}
+    for name in ("ours w8a8", "ours w4a8", "ours w2a8"):
+        assert rows[name]["size_ratio"] < 0.35 and rows[name]["median_us"] > 0
+        assert rows[name]["top1_agreement"] >= 0.95
+    assert rows["float"]["latency_ratio"] == 1.0
