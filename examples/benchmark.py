@@ -15,6 +15,10 @@ Profiles:
             `--seeds` seeds, MNIST and CIFAR-10 ResNet20 (`--cifar_steps`) at
             DoReFa 1/2/4 bits and BWN; prints each method's best of sweep
             (examples/sweep.py). Hours on 2 cores: a GPU job, or `--tasks`.
+    medium  the strong protocol cut to what 2 CPU cores run in about an hour
+            per bit width: MNIST, DoReFa 1 and 2 bits (`--bits`), STE, EWGS,
+            ApproxSign (1 bit), MultiFC, GainMLP, SGD+momentum and Adam at 3
+            learning rates each, `--seeds` seeds.
     full    the paper's Table 1 for a GPU: ResNet20, 100 epochs, lr x0.1 every
             30 epochs, DoReFa and BWN, SGD and Adam, STE / FC-Grad / MultiFC /
             LSTMFC / GainMLP, 5 seeds.
@@ -56,7 +60,7 @@ from absl import app, flags  # noqa: E402
 import sweep  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("profile", "quick", ["smoke", "quick", "peer", "strong", "full"],
+flags.DEFINE_enum("profile", "quick", ["smoke", "quick", "peer", "medium", "strong", "full"],
                   "Which runs.")
 flags.DEFINE_integer("cifar_steps", 1200, "Training steps of each CIFAR-10 run in the "
                      "strong profile (391 = one epoch at batch 128).", lower_bound=1)
@@ -64,6 +68,7 @@ flags.DEFINE_string("output_dir", None, "Where results go (default: a new temp d
 flags.DEFINE_string("run_one", None, "Internal: run one JSON spec and print its result.")
 flags.DEFINE_bool("tfmot", True, "Include TFMOT's QAT when .venv-tfmot exists.")
 flags.DEFINE_list("tasks", None, "Run only these tasks (cifar10, mnist); default all.")
+flags.DEFINE_list("bits", None, "Run only these weight bit widths (e.g. 1,2); default all.")
 flags.DEFINE_list("methods", None, "Run only these methods (e.g. float,ste,multifc); default all.")
 flags.DEFINE_integer("max_runs", 0, "Run only the first N runs (0: all), for trials.")
 flags.DEFINE_integer("seeds", 3, "Seeds per configuration in the quick profile "
@@ -101,6 +106,11 @@ def profile_runs(profile, seeds=3):
                     runs.append(_run("mnist", m, quantizer="uniform", bits=bits, lr=0.05,
                                      seed=seed, activation_bits=8, **mn))
         return runs
+    if profile == "medium":
+        return sweep.medium_runs(
+            _run, seeds=seeds,
+            mnist_budget=dict(steps=300, eval_every=50, batch_size=64, train_limit=10000,
+                              test_limit=5000, last_k=3, pretrain_steps=157))
     if profile == "strong":
         return sweep.strong_runs(
             _run, seeds=seeds, cifar_steps=FLAGS.cifar_steps if FLAGS.is_parsed() else 1200,
@@ -515,6 +525,8 @@ def main(argv):
         if unknown:
             raise app.UsageError(f"--methods: no runs of {unknown} in --profile={FLAGS.profile}.")
         runs = [r for r in runs if r["method"] in FLAGS.methods]
+    if FLAGS.bits:
+        runs = [r for r in runs if str(r["bits"]) in FLAGS.bits]
     if FLAGS.max_runs:
         runs = runs[:FLAGS.max_runs]
     print(f"profile {FLAGS.profile}: {len(runs)} runs -> {out_dir}")
@@ -538,7 +550,7 @@ def main(argv):
           "mean of the last checkpoints; mean +- sample std over seeds; in parentheses the "
           "paper's population variance over seeds x last checkpoints)")
     print_table(rows)
-    if FLAGS.profile == "strong":
+    if FLAGS.profile in ("medium", "strong"):
         sweep.print_best(rows)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"profile": FLAGS.profile, "runs": results, "summary": rows}, f)

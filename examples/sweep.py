@@ -16,6 +16,12 @@ SWEEP = {"sgd": (0.01, 0.05, 0.25), "sgdm": (0.002, 0.01, 0.05), "adam": (3e-4, 
 CIFAR_SWEEP = {"sgd": (1e-3, 5e-3, 2.5e-2), "sgdm": (1e-3, 5e-3, 2.5e-2),
                "adam": (3e-4, 1e-3, 3e-3)}
 EWGS_DELTA = {"dorefa": 0.2, "uniform": 0.2}  # fixed-delta variant
+# The medium profile: what 2 CPU cores can run in about an hour per bit
+# width. SGD with momentum and Adam, 3 learning rates each spanning 25x and
+# 10x; the recurrent and FC-Grad meta networks (slowest, never ahead in the
+# quick profile) are left to the strong profile.
+MEDIUM_SWEEP = {"sgdm": (0.002, 0.01, 0.05), "adam": (3e-4, 1e-3, 3e-3)}
+MEDIUM_METHODS = ("ste", "ewgs", "approx_sign", "multifc", "gain_mlp")
 
 
 def methods_for(quantizer, bits):
@@ -43,6 +49,21 @@ def strong_runs(make_run, *, seeds=3, cifar_steps=1200, mnist_budget, cifar_budg
                     for lr in lrs:
                         runs.append(make_run(task, method, quantizer=q, bits=bits,
                                              optimizer=opt, lr=lr, seed=seed, **budget))
+    return runs
+
+
+def medium_runs(make_run, *, seeds=3, mnist_budget):
+    """MNIST DoReFa 1 and 2 bits, `MEDIUM_METHODS` under `MEDIUM_SWEEP`."""
+    runs = []
+    for seed in range(seeds):
+        for bits in (1, 2):
+            for method in methods_for("dorefa", bits):
+                if method not in MEDIUM_METHODS:
+                    continue
+                for opt, lrs in MEDIUM_SWEEP.items():
+                    for lr in lrs:
+                        runs.append(make_run("mnist", method, quantizer="dorefa", bits=bits,
+                                             optimizer=opt, lr=lr, seed=seed, **mnist_budget))
     return runs
 
 

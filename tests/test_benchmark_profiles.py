@@ -56,6 +56,25 @@ def test_strong_profile_gives_every_method_the_same_sweep():
     assert all("approx_sign" in m for (_, _, b), m in grids.items() if b == 1)
 
 
+def test_medium_profile_gives_every_method_the_same_sweep():
+    import benchmark
+    import sweep
+
+    medium = benchmark.profile_runs("medium")
+    grids = {}
+    for r in medium:
+        assert r["task"] == "mnist" and r["quantizer"] == "dorefa"
+        grids.setdefault(r["bits"], {}).setdefault(r["method"], set()).add(
+            (r["optimizer"], r["lr"], r["seed"]))
+    assert set(grids) == {1, 2}
+    assert set(grids[1]) == set(sweep.MEDIUM_METHODS)
+    assert set(grids[2]) == set(sweep.MEDIUM_METHODS) - {"approx_sign"}
+    for by_method in grids.values():
+        first = next(iter(by_method.values()))
+        assert len(first) == 2 * 3 * 3  # 2 optimizers x 3 lrs x 3 seeds
+        assert all(grid == first for grid in by_method.values())
+
+
 def test_peer_profile_is_like_for_like_with_tfmot():
     import benchmark
 
