@@ -443,8 +443,12 @@ def print_table(rows):
               f"{r['peak_rss_mib']:>9.0f}  {r['per_seed']}")
 
 
-def plot(results, out_dir):
-    """Writes curves_*.png and meta_function.png; returns the file names."""
+def plot(results, out_dir, sweep_rows=None):
+    """Writes curves_*.png and meta_function.png; returns the file names.
+
+    With `sweep_rows` (the summary of a sweep profile) also best_*.png: per
+    workload, each method's best configuration, mean +- std over seeds.
+    """
     try:
         import matplotlib
     except ImportError:
@@ -471,6 +475,21 @@ def plot(results, out_dir):
         a1.legend(fontsize=7)
         fig.tight_layout()
         name = f"curves_{task}_{q}{bits}_{opt}.png"
+        fig.savefig(os.path.join(out_dir, name), dpi=90)
+        plt.close(fig)
+        files.append(name)
+    for (task, q, bits), curves in (sweep.best_curves(results, sweep_rows).items()
+                                    if sweep_rows else ()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for steps, mean, std, label in curves.values():
+            ax.plot(steps, mean, marker="o", label=label)
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
+                            [m + s for m, s in zip(mean, std)], alpha=0.15)
+        ax.set(xlabel="step", ylabel="test accuracy %",
+               title=f"{task} {q}{bits}: best of sweep per method")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"best_{task}_{q}{bits}.png"
         fig.savefig(os.path.join(out_dir, name), dpi=90)
         plt.close(fig)
         files.append(name)
@@ -552,13 +571,14 @@ def main(argv):
     print_table(rows)
     if FLAGS.profile in ("medium", "strong"):
         sweep.print_best(rows)
+        sweep.print_best_curves(results, rows)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"profile": FLAGS.profile, "runs": results, "summary": rows}, f)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    files = plot(results, out_dir)
+    files = plot(results, out_dir, rows if FLAGS.profile in ("medium", "strong") else None)
     print(f"\nWrote results.json, results.csv{', ' if files else ''}{', '.join(files)} in {out_dir}")
     return 0
 

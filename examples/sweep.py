@@ -96,3 +96,40 @@ def print_best(rows):
               f"{r['optimizer']:<6}{r['lr']:>8g}{r['mean_last']:>11.2f} +- {r['std_seeds']:4.2f}"
               f"{r['best']:>7.2f}{r['x_ste']:>7.2f}  {r['per_seed']}")
 
+
+
+def best_curves(results, rows):
+    """Per workload, each method's best configuration as a mean curve over seeds.
+
+    Returns:
+        `{(task, quantizer, bits): {method: (steps, mean %, std %, label)}}`
+        with the label naming the configuration (optimizer and lr).
+    """
+    import numpy as np
+
+    out = {}
+    for best in best_of_sweep(rows):
+        runs = [r for r in results if r["task"] == best["task"]
+                and r["quantizer"] == best["quantizer"] and r["bits"] == best["bits"]
+                and r["optimizer"] == best["optimizer"] and r["lr"] == best["lr"]
+                and r["method"] == best["method"].split(" ")[0] and r["accuracy"]]
+        if not runs:
+            continue
+        n = min(len(r["accuracy"]) for r in runs)
+        acc = 100 * np.array([r["accuracy"][:n] for r in runs])
+        steps = [runs[0]["eval_every"] * (i + 1) for i in range(n)]
+        label = f"{best['method']} {best['optimizer']} lr={best['lr']:g}"
+        out.setdefault((best["task"], best["quantizer"], best["bits"]), {})[best["method"]] = (
+            steps, acc.mean(axis=0).tolist(), acc.std(axis=0, ddof=1 if len(runs) > 1 else 0
+                                                    ).tolist(), label)
+    return out
+
+
+def print_best_curves(results, rows):
+    """Text table of `best_curves`: mean test accuracy per checkpoint."""
+    for (task, q, bits), curves in best_curves(results, rows).items():
+        steps = next(iter(curves.values()))[0]
+        print(f"\nBest-of-sweep curves, {task} {q}{bits} (mean test accuracy % over seeds)")
+        print(f"{'method (config)':<34}" + "".join(f"{s:>7}" for s in steps))
+        for _, (_, mean, _, label) in curves.items():
+            print(f"{label:<34}" + "".join(f"{v:>7.2f}" for v in mean))

@@ -4,6 +4,7 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -98,6 +99,15 @@ def test_best_of_sweep_picks_each_methods_best_configuration():
     best = {r["method"]: r for r in sweep.best_of_sweep(rows)}
     assert (best["ste"]["optimizer"], best["ste"]["lr"], best["ste"]["sweep"]) == ("sgd", 0.25, 3)
     assert best["ewgs"]["mean_last"] == 93.0 and best["ewgs"]["sweep"] == 1
+    # The curves follow each method's best configuration, averaged over seeds.
+    runs = [dict(task="mnist", quantizer="dorefa", bits=1, method="ste", optimizer="sgd",
+                 lr=0.25, seed=s, accuracy=[0.5 + 0.1 * s, 0.9], eval_every=50)
+            for s in range(3)]
+    runs.append(dict(runs[0], lr=0.05, accuracy=[0.1, 0.1]))
+    steps, mean, std, label = sweep.best_curves(runs, rows)[("mnist", "dorefa", 1)]["ste"]
+    assert steps == [50, 100] and label == "ste sgd lr=0.25"
+    np.testing.assert_allclose(mean, [60.0, 90.0])
+    np.testing.assert_allclose(std, [10.0, 0.0], atol=1e-9)
 
 
 @pytest.mark.usefixtures("mnist_available")
