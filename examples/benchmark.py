@@ -443,6 +443,13 @@ def print_table(rows):
               f"{r['peak_rss_mib']:>9.0f}  {r['per_seed']}")
 
 
+def _save(plt, fig, out_dir, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name), dpi=90)
+    plt.close(fig)
+    return name
+
+
 def plot(results, out_dir, sweep_rows=None):
     """Writes curves_*.png and meta_function.png; returns the file names.
 
@@ -473,11 +480,7 @@ def plot(results, out_dir, sweep_rows=None):
         a1.set(xlabel="step", ylabel="test accuracy %", title=f"{task} {q}{bits} {opt}")
         a2.set(xlabel="step", ylabel="training loss", title="training loss")
         a1.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"curves_{task}_{q}{bits}_{opt}.png"
-        fig.savefig(os.path.join(out_dir, name), dpi=90)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(plt, fig, out_dir, f"curves_{task}_{q}{bits}_{opt}.png"))
     for (task, q, bits), curves in (sweep.best_curves(results, sweep_rows).items()
                                     if sweep_rows else ()):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -488,11 +491,7 @@ def plot(results, out_dir, sweep_rows=None):
         ax.set(xlabel="step", ylabel="test accuracy %",
                title=f"{task} {q}{bits}: best of sweep per method")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"best_{task}_{q}{bits}.png"
-        fig.savefig(os.path.join(out_dir, name), dpi=90)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(plt, fig, out_dir, f"best_{task}_{q}{bits}.png"))
     metas = [r for r in results if r.get("meta_function") and r.get("seed", 0) == 0
              and r["task"] == "cifar10" and r["optimizer"] == "sgd"] or \
             [r for r in results if r.get("meta_function") and r.get("seed", 0) == 0][:4]
@@ -507,10 +506,7 @@ def plot(results, out_dir, sweep_rows=None):
             ax.set(title=f"{r['method']} {r['semantics']} ({r['task']})",
                    xlabel="g / rms(g)", ylabel="m / rms(g)")
             ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "meta_function.png"), dpi=90)
-        plt.close(fig)
-        files.append("meta_function.png")
+        files.append(_save(plt, fig, out_dir, "meta_function.png"))
     return files
 
 
