@@ -74,10 +74,12 @@ class _Folded:
         self.folded = beta + (b - mean) * self.slope
 
     def _channels(self):
+        shape = self.inner.kernel.shape
         if isinstance(self.inner, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
-            shape = self.inner.kernel.shape
             return int(shape[-2] * shape[-1])
-        return int(self.inner.kernel.shape[-1])
+        if isinstance(self.inner, keras.layers.Conv2DTranspose):  # (h, w, out, in)
+            return int(shape[-2])
+        return int(shape[-1])
 
     def shift(self, delta):
         """Moves `b'` by `-delta`; returns False if no variable can carry it."""
