@@ -76,6 +76,7 @@ def insert_activation_quantizers(model, make_quantizer):
     Returns:
         The new model, sharing `model`'s layers and weights.
     """
+    _check_no_hidden_tensors(model)
     cache = {}
 
     def quantized(tensor, consumer):
@@ -97,6 +98,23 @@ def insert_activation_quantizers(model, make_quantizer):
                for t in keras.tree.flatten(cloned.outputs)]
     outputs = keras.tree.pack_sequence_as(cloned.outputs, outputs)
     return keras.Model(cloned.inputs, outputs, name=model.name)
+
+
+# Layers that TFLite runs as two ops, with a tensor between them that no
+# quantizer outside the layer can reach.
+_TWO_OPS = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+
+
+def _check_no_hidden_tensors(model):
+    hidden = [_kind(op).name for op in model.layers if isinstance(_kind(op), _TWO_OPS)]
+    if hidden:
+        raise ValueError(
+            f"Layers {hidden} are separable convolutions: TFLite runs each as a "
+            "depthwise and a pointwise convolution, and the tensor between "
+            "them would have no trained range, so the int8 file could not be "
+            "all-integer. Build the model with DepthwiseConv2D followed by "
+            "Conv2D(filters, 1) (the same function) to quantize activations, or "
+            "leave activation_quantizer=None.")
 
 
 def _needs_output_quantizer(tensor):

@@ -125,5 +125,9 @@ def test_bad_activation_options():
     with pytest.raises(ValueError, match="Drop representative_dataset"):
         mqk.convert_to_tflite(trained, mode="int8",
                               representative_dataset=np.zeros((4, 8, 8, 1), "float32"))
+    inputs = keras.Input((8, 8, 3))
+    separable = keras.Model(inputs, keras.layers.SeparableConv2D(4, 3, name="sep")(inputs))
+    with pytest.raises(ValueError, match=r"Layers \['sep'\] are separable.*DepthwiseConv2D"):
+        mqk.quantize_model(separable, activation_quantizer="ema", verbose=False)
     with pytest.raises(ValueError, match="Unknown io_dtype"):
         mqk.convert_to_tflite(trained, mode="int8", io_dtype="int16")
