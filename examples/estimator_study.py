@@ -1,14 +1,14 @@
 r"""MetaEWGS (`meta_network="meta_ewgs"`) against the STE at the STE's own best lr.
 
-Two modes, both on the MNIST small CNN of `examples/zoo.py`:
+Modes, on the MNIST small CNN of `examples/zoo.py`:
 
 * `--mode=timing`: median `train_on_batch` wall time of the STE and of
   MetaEWGS at batch `--batch_size`, in interleaved blocks (STE block,
   MetaEWGS block, ... with the order alternating), so that load from other
   processes on a shared machine lands on both; prints the ratio of medians.
-* `--mode=sweep`: every method of `--methods` (default ste,meta_ewgs) at DoReFa `--bits`, under SGD
-  with momentum 0.9 at `--sgdm_lrs` and Adam at `--adam_lrs`, `--seeds`
-  seeds, the same data, steps and float start for every method (the MNIST
+* `--mode=sweep`: every method of `--methods` (default ste,meta_ewgs) at
+  DoReFa `--bits`, under SGD with momentum 0.9 at `--sgdm_lrs` and Adam at
+  `--adam_lrs`, `--seeds` seeds, the same data, steps and float start for every method (the MNIST
   budget of benchmark.py's quick/strong profiles: 300 steps of 64, from a
   157-step float start). Runs go through `benchmark.run_one` in this
   process, one after the other, and are appended to `--output` (JSON lines;
@@ -16,13 +16,18 @@ Two modes, both on the MNIST small CNN of `examples/zoo.py`:
   method's best of sweep (mean of the last 3 checkpoints, mean +- std over
   seeds), the learned per-kernel delta/gamma of MetaEWGS, and the ratio
   `||calib * m|| / ||dL/dV||` (`meta_grad_ratio`) that rules out a hidden
-  learning-rate multiplier.
+  learning-rate multiplier. `--meta_lr=0` gives the control
+  "meta_ewgs_frozen" (delta = gamma = 0: the STE's direction through
+  MetaQuant's step).
+* `--mode=report --inputs=a.jsonl,b.jsonl`: the same report for merged files.
 
 Example:
     export TFDS_DATA_DIR=../shared/tensorflow_datasets
     PYTHONPATH=. python examples/estimator_study.py --mode=timing
     PYTHONPATH=. python examples/estimator_study.py --mode=sweep --bits=1 \
         --output=/tmp/mq_est/bits1.jsonl
+    PYTHONPATH=. python examples/estimator_study.py --mode=report \
+        --inputs=/tmp/mq_est/bits1.jsonl,/tmp/mq_est_frozen/bits1.jsonl
 """
 
 import json
@@ -42,7 +47,9 @@ from absl import app, flags  # noqa: E402
 import benchmark  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "sweep", ["sweep", "timing"], "What to measure.")
+flags.DEFINE_enum("mode", "sweep", ["sweep", "timing", "report"],
+                  "What to measure (report: only print the runs of --inputs).")
+flags.DEFINE_list("inputs", [], "Report mode: JSON-lines files to merge.")
 flags.DEFINE_integer("bits", 1, "DoReFa bit width.", lower_bound=1, upper_bound=8)
 flags.DEFINE_list("sgdm_lrs", ["0.01", "0.03", "0.1"], "SGD (momentum 0.9) rates.")
 flags.DEFINE_list("adam_lrs", ["1e-3", "3e-3"], "Adam rates.")
@@ -74,6 +81,25 @@ def sweep_specs(methods, bits, seeds, sgdm_lrs, adam_lrs, *, steps, batch_size, 
     return specs
 
 
+def load(paths):
+    """Runs of JSON-lines files, one per configuration (the last one wins).
+
+    MetaEWGS runs with `meta_lr == 0` are relabelled "meta_ewgs_frozen": its
+    parameters stay at 0, so it is the STE's direction through MetaQuant's
+    step (the control that separates the learned delta/gamma from the step).
+    """
+    done = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                done[_key(r)] = r
+    for r in done.values():
+        if r["method"] == "meta_ewgs" and r.get("meta_lr") == 0:
+            r["method"] = "meta_ewgs_frozen"
+    return list(done.values())
+
+
 def _key(spec):
     return json.dumps({k: spec[k] for k in sorted(spec)
                        if k in ("method", "bits", "optimizer", "lr", "seed", "steps",
@@ -82,12 +108,7 @@ def _key(spec):
 
 def run_sweep(specs, output, cache_dir):
     """Runs the specs not yet in `output`; returns every result there."""
-    done = {}
-    if os.path.exists(output):
-        with open(output) as f:
-            for line in f:
-                r = json.loads(line)
-                done[_key(r)] = r
+    done = {_key(r): r for r in load([output] if os.path.exists(output) else [])}
     for i, spec in enumerate(specs):
         if _key(spec) in done:
             continue
@@ -126,6 +147,13 @@ def report(results):
         cells = [f"{k}: d={d:+.3f} g={g:+.3f}"
                  for k, d, g in zip(p["kernels"], p["delta"], p["gamma"])]
         print(f"  seed {r['seed']}: " + "; ".join(cells))
+    learned = [r for r in results if r["method"] == "meta_ewgs"]
+    print(f"Over all {len(learned)} MetaEWGS runs (every lr and seed), mean +- std:")
+    for i, kernel in enumerate(learned[0]["meta_parameters"]["kernels"]):
+        d = [r["meta_parameters"]["delta"][i] for r in learned]
+        g = [r["meta_parameters"]["gamma"][i] for r in learned]
+        print(f"  {kernel}: delta {np.mean(d):+.3f} +- {np.std(d):.3f}, "
+              f"gamma {np.mean(g):+.3f} +- {np.std(g):.3f}")
     ratios = [v for r in results if r["method"] == "meta_ewgs"
               for v in r.get("meta_grad_ratio", [])]
     if ratios:
@@ -168,6 +196,9 @@ def timing(batch_size, blocks, block_steps):
 
 def main(argv):
     del argv
+    if FLAGS.mode == "report":
+        report(load(FLAGS.inputs))
+        return
     if FLAGS.mode == "timing":
         med, ratio = timing(FLAGS.batch_size, FLAGS.blocks, FLAGS.block_steps)
         for m, t in med.items():
