@@ -8,7 +8,9 @@ belongs to, for networks that normalise per kernel.
 
 Every network maps `(g, w_tilde[, state]) -> (m, new_state)` where
 `g = dL/dW_hat` and `w_tilde = A(W)` of the previous step (METAQUANT.md
-section 4). The weight gradient MetaQuant applies is `calib(W) * m`.
+section 4). The weight gradient MetaQuant applies is `calib(W) * m`. A network
+whose `weight_input` is "residual" (MetaEWGS) receives instead each kernel's
+discretization residual `x - x_q` (`Quantizer.residual`) in that slot.
 
 Initialisation follows the PyTorch defaults of the reference: a Linear layer
 with fan-in `f` draws weights from U(-1/sqrt(f), 1/sqrt(f)); the LSTM draws all
