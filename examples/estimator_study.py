@@ -17,7 +17,7 @@ Modes, on the MNIST small CNN of `examples/zoo.py`:
   seeds), the learned per-kernel delta/gamma of MetaEWGS, and the ratio
   `||calib * m|| / ||dL/dV||` (`meta_grad_ratio`) that rules out a hidden
   learning-rate multiplier. `--meta_lr=0` gives the control
-  "meta_ewgs_frozen" (delta = gamma = 0: the STE's direction through
+  "meta_ewgs_lr0" (delta = gamma = 0: the STE's direction through
   MetaQuant's step).
 * `--mode=report --inputs=a.jsonl,b.jsonl`: the same report for merged files.
 
@@ -84,7 +84,7 @@ def sweep_specs(methods, bits, seeds, sgdm_lrs, adam_lrs, *, steps, batch_size, 
 def load(paths):
     """Runs of JSON-lines files, one per configuration (the last one wins).
 
-    MetaEWGS runs with `meta_lr == 0` are relabelled "meta_ewgs_frozen": its
+    MetaEWGS runs with `meta_lr == 0` are relabelled "meta_ewgs_lr0": its
     parameters stay at 0, so it is the STE's direction through MetaQuant's
     step (the control that separates the learned delta/gamma from the step).
     """
@@ -96,7 +96,7 @@ def load(paths):
                 done[_key(r)] = r
     for r in done.values():
         if r["method"] == "meta_ewgs" and r.get("meta_lr") == 0:
-            r["method"] = "meta_ewgs_frozen"
+            r["method"] = "meta_ewgs_lr0"
     return list(done.values())
 
 
@@ -129,9 +129,9 @@ def report(results):
     import sweep
 
     rows = benchmark.summarize(results)
-    print(f"\n{'method':<11}{'opt':<6}{'lr':>7}{'mean last +- std':>19}  per seed")
+    print(f"\n{'method':<14}{'opt':<6}{'lr':>7}{'mean last +- std':>19}  per seed")
     for r in rows:
-        print(f"{r['method']:<11}{r['optimizer']:<6}{r['lr']:>7g}{r['mean_last']:>11.2f} "
+        print(f"{r['method']:<14}{r['optimizer']:<6}{r['lr']:>7g}{r['mean_last']:>11.2f} "
               f"+- {r['std_seeds']:4.2f}  {r['per_seed']}")
     sweep.print_best(rows)
     best = {(r["method"]): r for r in sweep.best_of_sweep(rows)}

@@ -31,5 +31,5 @@ def test_load_merges_and_labels_the_frozen_control(tmp_path):
                  + json.dumps(dict(run, meta_lr=0.01, v=2)) + "\n")
     b.write_text(json.dumps(dict(run, meta_lr=0.0)) + "\n")
     runs = sorted(estimator_study.load([a, b]), key=lambda r: r["method"])
-    assert [r["method"] for r in runs] == ["meta_ewgs", "meta_ewgs_frozen"]
+    assert [r["method"] for r in runs] == ["meta_ewgs", "meta_ewgs_lr0"]
     assert runs[0]["v"] == 2  # the last record of a configuration wins
