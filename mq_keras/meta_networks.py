@@ -430,7 +430,9 @@ class MetaEWGS(MetaNetwork):
     * `delta_l` is EWGS' delta (Lee, Kim & Ham, CVPR 2021) in level units
       (`mq_keras.gradients`: a DoReFa k-bit EWGS delta is `n * delta_l`),
       learned instead of set from the Hessian; signed, so that the
-      meta-gradient can also say "the reverse of EWGS";
+      meta-gradient can also say "the reverse of EWGS": > 0 favours weights
+      whose descent step is far from the threshold that changes their code,
+      < 0 weights about to change code;
     * `gamma_l` shapes the gain by the distance to the decision threshold:
       > 0 favours weights near a threshold (one step flips their code),
       < 0 weights sitting on their level; `2|r| - 1/2` has mean 0 for
