@@ -307,7 +307,8 @@ def run_one(spec, cache_dir):
     else:
         net = _quantized(spec, model, train, loss)
         meta = net.meta_network is not None
-        net.compile(optimizer=opt, meta_optimizer=mq_keras.PaperAdam(1e-3) if meta else None,
+        meta_lr = spec.get("meta_lr", 1e-3)  # the reference's meta Adam rate
+        net.compile(optimizer=opt, meta_optimizer=mq_keras.PaperAdam(meta_lr) if meta else None,
                     loss=loss, metrics=["accuracy"])
     start_acc = float(net.evaluate(xte, yte, batch_size=500, verbose=0, return_dict=True)["accuracy"])
     timer = _StepTimer()
@@ -328,7 +329,13 @@ def run_one(spec, cache_dir):
                   diverged=not np.isfinite(hist.history["loss"][-1]))
     if "meta_grad_ratio" in hist.history:
         result["meta_grad_ratio"] = [float(v) for v in hist.history["meta_grad_ratio"]]
-    if net is not model and net.meta_network is not None:
+    meta_net = net.meta_network if net is not model else None
+    if meta_net is not None and hasattr(meta_net, "learned_parameters"):
+        # A few named parameters per kernel (MetaEWGS) say more than a plot.
+        result["meta_parameters"] = dict(
+            meta_net.learned_parameters(),
+            kernels=[f"{w.name}/{s.key}" for w, s in net._slots])
+    elif meta_net is not None:
         result["meta_function"] = _meta_function(net)
     return result
 
@@ -422,7 +429,8 @@ def summarize(results):
             x_float=step / ref[(task, "float")] if ref.get((task, "float")) else float("nan"),
             x_ste=step / ref[(task, "ste")] if ref.get((task, "ste")) else float("nan"),
             peak_rss_mib=max((r.get("peak_rss_mib") or 0) for r in rs)))
-    order = ["float", "ste", *sweep.HAND_METHODS, "fc_grad", "multifc", "lstmfc", "gain_mlp"]
+    order = ["float", "ste", *sweep.HAND_METHODS, "fc_grad", "multifc", "lstmfc", "gain_mlp",
+             "meta_ewgs"]
     rows.sort(key=lambda r: (r["task"], r["quantizer"], r["bits"], r["optimizer"], r["lr"],
                              order.index(r["method"]) if r["method"] in order else 99,
                              r["semantics"]))

@@ -9,7 +9,7 @@ What is measured:
 
     * ``float``: the float model, SGD(1e-2);
     * ``ste``: `quantize_model(..., estimator="ste")`, SGD(1e-2);
-    * ``fc_grad``, ``multifc``, ``lstmfc``, ``gain_mlp``:
+    * ``fc_grad``, ``multifc``, ``lstmfc``, ``gain_mlp``, ``meta_ewgs``:
       `quantize_model(..., meta_network=name)`, SGD(1e-2) and
       `PaperAdam(1e-3)` as the meta optimizer.
 
@@ -58,8 +58,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags  # noqa: E402
 
-ALL_METHODS = ("float", "ste", "fc_grad", "multifc", "lstmfc", "gain_mlp")
-META_METHODS = ("fc_grad", "multifc", "lstmfc", "gain_mlp")
+ALL_METHODS = ("float", "ste", "fc_grad", "multifc", "lstmfc", "gain_mlp", "meta_ewgs")
+META_METHODS = ("fc_grad", "multifc", "lstmfc", "gain_mlp", "meta_ewgs")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch_size", 128, "Batch size.")

@@ -11,7 +11,7 @@ learning rates span 25x (the linear meta networks' learned gain was ~20x).
 # Hand-designed estimators, trained with Keras' own step ("ewgs_hessian":
 # EWGS with each layer's delta from the paper's Hessian rule).
 HAND_METHODS = ("ewgs", "ewgs_hessian", "approx_sign")
-META_METHODS = ("multifc", "fc_grad", "lstmfc", "gain_mlp")
+META_METHODS = ("multifc", "fc_grad", "lstmfc", "gain_mlp", "meta_ewgs")
 SWEEP = {"sgd": (0.01, 0.05, 0.25), "sgdm": (0.002, 0.01, 0.05), "adam": (3e-4, 1e-3, 3e-3)}
 CIFAR_SWEEP = {"sgd": (1e-3, 5e-3, 2.5e-2), "sgdm": (1e-3, 5e-3, 2.5e-2),
                "adam": (3e-4, 1e-3, 3e-3)}

@@ -8,7 +8,7 @@ from mq_keras import ewgs, gradients, meta_networks, quantizers
 from mq_keras.activation_quantizers import ActivationQuantizer
 from mq_keras.export import convert_to_tflite, strip_model, verify_tflite
 from mq_keras.layers import MetaQuantWrapper
-from mq_keras.meta_networks import FCGrad, GainMLP, LSTMFC, MetaNetwork, MultiFC
+from mq_keras.meta_networks import FCGrad, GainMLP, LSTMFC, MetaEWGS, MetaNetwork, MultiFC
 from mq_keras.models import MetaQuantModel
 from mq_keras.optimizers import PaperAdam
 from mq_keras.quantizers import BWN, DoReFa, Quantizer, Ternary, Uniform
@@ -18,7 +18,8 @@ from mq_keras.wrap import quantize_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationQuantizer", "BWN", "DoReFa", "FCGrad", "GainMLP", "LSTMFC", "MetaNetwork",
+    "ActivationQuantizer", "BWN", "DoReFa", "FCGrad", "GainMLP", "LSTMFC", "MetaEWGS",
+    "MetaNetwork",
     "MetaQuantModel", "MetaQuantWrapper", "MultiFC", "PaperAdam", "Quantizer",
     "Ternary", "Uniform", "convert_to_tflite", "ewgs", "gradients", "meta_networks",
     "quantize_model", "quantizers", "strip_model", "summary", "verify_tflite",

@@ -8,8 +8,11 @@ The backward rule says what replaces `d x_q / d x`:
 - "ste" (default): 1 (Bengio et al. 2013), the gates each quantizer states.
 - "ewgs": element-wise gradient scaling (Lee, Kim & Ham, CVPR 2021):
   `g_x = g_q * (1 + delta * sign(g_q) * (x - x_q))`, with `g_q = dL/dx_q`.
-  A weight whose gradient pushes it away from its level (towards the next)
-  gets a larger gradient, one pushed back a smaller one. `delta` is fixed, or
+  The factor exceeds 1 where `sign(g_q) = sign(x - x_q)`: the descent step
+  first moves `x` back through its own level, so it is farther from the
+  threshold it must cross to change `x_q`, and gets a larger gradient; a
+  weight already on the near side of that threshold gets a smaller one (the
+  paper's reasoning). `delta` is fixed, or
   set per layer from the loss' Hessian with `hessian_deltas` (the paper's
   rule: `delta = max(0, (Tr(H_q) / N) / (3 * std(g_q)))` on the quantized
   values, Hutchinson's trace estimate).

@@ -8,7 +8,9 @@ belongs to, for networks that normalise per kernel.
 
 Every network maps `(g, w_tilde[, state]) -> (m, new_state)` where
 `g = dL/dW_hat` and `w_tilde = A(W)` of the previous step (METAQUANT.md
-section 4). The weight gradient MetaQuant applies is `calib(W) * m`.
+section 4). The weight gradient MetaQuant applies is `calib(W) * m`. A network
+whose `weight_input` is "residual" (MetaEWGS) receives instead each kernel's
+discretization residual `x - x_q` (`Quantizer.residual`) in that slot.
 
 Initialisation follows the PyTorch defaults of the reference: a Linear layer
 with fan-in `f` draws weights from U(-1/sqrt(f), 1/sqrt(f)); the LSTM draws all
@@ -34,6 +36,22 @@ def _seed(seed, offset):
     return None if seed is None else seed + offset
 
 
+def _segment_sum_rows(x, segment_ids, num_segments):
+    """Per-row copy of the sum of `x` over the rows of its kernel (segment)."""
+    if segment_ids is None:
+        # Every row gets its copy, so that rows can still be sliced in chunks.
+        return ops.broadcast_to(ops.sum(x, axis=0, keepdims=True), ops.shape(x))
+    s = ops.segment_sum(x, segment_ids, num_segments=num_segments)
+    return ops.take(s, segment_ids, axis=0)
+
+
+def _safe_sqrt(square):
+    # Divide by the root itself (no additive epsilon, which would break scale
+    # invariance for small gradients); an all-zero kernel keeps 1.
+    root = ops.sqrt(square)
+    return ops.where(root > 0, root, ops.ones_like(root))
+
+
 class MetaNetwork(keras.layers.Layer):
     """Base class: a coordinate-wise network `(g, w_tilde, state) -> (m, state)`.
 
@@ -46,6 +64,9 @@ class MetaNetwork(keras.layers.Layer):
 
     #: Floats of recurrent state per weight element (0: stateless).
     state_size = 0
+    #: What `MetaQuantModel` passes as the second input: "w_tilde" (`A(W)`)
+    #: or "residual" (`Quantizer.residual` of it: `x - x_q` in level units).
+    weight_input = "w_tilde"
 
     def __init__(self, *, hidden_size=100, seed=None, **kwargs):
         # The meta step runs in float32 whatever the global policy: its
@@ -75,6 +96,16 @@ class MetaNetwork(keras.layers.Layer):
     def initial_state(self, num_rows):
         """Zero recurrent state for `num_rows` weight elements."""
         return ()
+
+    def bind_kernels(self, quantizers):
+        """Called by `MetaQuantModel` before `build`: the kernels it will see.
+
+        Args:
+            quantizers: the `Quantizer` of every kernel, in the order of
+                `segment_ids`. Networks with per-kernel weights size them from
+                it; the default ignores it.
+        """
+        del quantizers
 
     def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
         """Returns `(m, new_state)`; `grad`, `w_tilde` and `m` are `(N, 1)`.
@@ -345,27 +376,16 @@ class GainMLP(MetaNetwork):
         self.b3 = self.add_weight(name="b3", shape=(1,), initializer="zeros")
         self.built = True
 
-    @staticmethod
-    def _segment_mean(x, segment_ids, num_segments):
-        if segment_ids is None:
-            return ops.mean(x, axis=0, keepdims=True)
-        s = ops.segment_sum(x, segment_ids, num_segments=num_segments)
-        n = ops.segment_sum(ops.ones_like(x), segment_ids, num_segments=num_segments)
-        return ops.take(s / ops.maximum(n, 1.0), segment_ids, axis=0)
-
-    @staticmethod
-    def _safe_rms(mean_square):
-        # Divide by the RMS itself (no additive epsilon, which would break
-        # scale invariance for small gradients); an all-zero kernel keeps 1.
-        rms = ops.sqrt(mean_square)
-        return ops.where(rms > 0, rms, ops.ones_like(rms))
-
     def row_inputs(self, grad, w_tilde, segment_ids=None, num_segments=1):
         """`(g, g_n, w_n)`: the gradient and both inputs normalised per kernel."""
-        mean = lambda x: self._segment_mean(x, segment_ids, num_segments)  # noqa: E731
-        g_n = grad / self._safe_rms(mean(ops.square(grad)))
+        count = _segment_sum_rows(ops.ones_like(grad), segment_ids, num_segments)
+
+        def mean(x):
+            return _segment_sum_rows(x, segment_ids, num_segments) / count
+
+        g_n = grad / _safe_sqrt(mean(ops.square(grad)))
         w_c = w_tilde - mean(w_tilde)
-        w_n = w_c / self._safe_rms(mean(ops.square(w_c)))
+        w_n = w_c / _safe_sqrt(mean(ops.square(w_c)))
         return (grad, g_n, w_n)
 
     def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
@@ -388,7 +408,144 @@ class GainMLP(MetaNetwork):
         return config
 
 
-_REGISTRY = {cls.name_key: cls for cls in (FCGrad, MultiFC, LSTMFC, GainMLP)}
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class MetaEWGS(MetaNetwork):
+    """Ours: EWGS with a meta-learned delta and shape per kernel, norm-preserving.
+
+    Its inputs per weight are `g = dL/dW_hat` and the discretization
+    residual `r = x - x_q` in the quantizer's own domain, in units of its
+    level step (`Quantizer.residual`, in [-1/2, 1/2]; DoReFa with
+    `n = 2^k - 1` levels: `r = n*W_tilde - round(n*W_tilde)`).
+    `MetaQuantModel` passes `r` in place of `W_tilde` (`weight_input`).
+
+    Forward, for the rows of kernel `l`::
+
+        delta_l = tanh(a_l);   gamma_l = tanh(b_l)
+        f = 1 + delta_l * sign(g) * r + gamma_l * (2|r| - 1/2)
+        m = g * f * ||g||_l / ||g * f||_l
+
+    `||.||_l` is the L2 norm over the rows of kernel `l` (`segment_ids`).
+    Why this shape:
+
+    * `delta_l` is EWGS' delta (Lee, Kim & Ham, CVPR 2021) in level units
+      (`mq_keras.gradients`: a DoReFa k-bit EWGS delta is `n * delta_l`),
+      learned instead of set from the Hessian; signed, so that the
+      meta-gradient can also say "the reverse of EWGS": > 0 favours weights
+      whose descent step is far from the threshold that changes their code,
+      < 0 weights about to change code;
+    * `gamma_l` shapes the gain by the distance to the decision threshold:
+      > 0 favours weights near a threshold (one step flips their code),
+      < 0 weights sitting on their level; `2|r| - 1/2` has mean 0 for
+      uniformly spread residuals;
+    * `|delta_l| + |gamma_l| < 2`, so `f > 0`: `m` never flips the sign of a
+      coordinate of the STE gradient;
+    * NO learning-rate multiplier in disguise: the output is renormalised so
+      that `||m||_l == ||g||_l` for every kernel; only the direction of the
+      update within a kernel can change (the linear meta networks mostly
+      learned a ~20x gain, which a tuned learning rate gives the STE too);
+    * `m` is homogeneous of degree 1 in `g`, so the function is invariant to
+      the gradient's scale (learning rate, loss scaling, batch size);
+    * `a = b = 0` at the start: `f = 1`, `m = g`, exactly the STE.
+
+    Backward: ordinary autograd through `tanh`, `f` and the renormalisation.
+    Rows interact only through per-kernel moments of `g` that do not depend
+    on the weights (`||g * f||_l^2` is a quadratic form in `(1, delta_l,
+    gamma_l)`), so chunked application (`meta_chunk_size`) gives the same
+    result.
+
+    Args:
+        num_kernels: number of kernels (one `(delta, gamma)` each); None:
+            set by `MetaQuantModel` (`bind_kernels`).
+        learn_shape: learn `gamma_l` (default); False keeps it 0.
+        **kwargs: `MetaNetwork` options (`hidden_size` is unused).
+    """
+
+    name_key = "meta_ewgs"
+    weight_input = "residual"
+
+    def __init__(self, *, num_kernels=None, learn_shape=True, **kwargs):
+        super().__init__(**kwargs)
+        if num_kernels is not None and (
+                isinstance(num_kernels, bool) or not isinstance(num_kernels, numbers.Integral)
+                or num_kernels < 1):
+            raise ValueError(
+                f"num_kernels must be a positive int or None, got {num_kernels!r}.")
+        self.num_kernels = None if num_kernels is None else int(num_kernels)
+        self.learn_shape = bool(learn_shape)
+
+    def bind_kernels(self, quantizers):
+        """Sizes the per-kernel weights; checks every quantizer has a residual."""
+        bad = [q for q in quantizers if not q.defines_residual]
+        if bad:
+            raise ValueError(
+                f"meta_network='meta_ewgs' needs each kernel's discretization "
+                f"residual, which {bad[0]!r} does not define; use DoReFa, BWN "
+                "or Uniform kernels.")
+        if self.num_kernels is not None and self.num_kernels != len(quantizers):
+            raise ValueError(
+                f"This MetaEWGS has num_kernels={self.num_kernels} but the model "
+                f"has {len(quantizers)} quantized kernels; use a new instance "
+                "(or meta_network='meta_ewgs') per model.")
+        self.num_kernels = len(quantizers)
+
+    def build(self, input_shape=None):
+        if self.num_kernels is None:
+            raise ValueError(
+                "MetaEWGS needs num_kernels before build: pass num_kernels= or let "
+                "MetaQuantModel set it.")
+        shape = (self.num_kernels,)
+        self.delta_logit = self.add_weight(name="delta_logit", shape=shape,
+                                           initializer="zeros")
+        self.gamma_logit = self.add_weight(name="gamma_logit", shape=shape,
+                                           initializer="zeros",
+                                           trainable=self.learn_shape)
+        self.built = True
+
+    def learned_parameters(self):
+        """`{"delta": [...], "gamma": [...]}`, one value per kernel."""
+        return {"delta": ops.convert_to_numpy(ops.tanh(self.delta_logit)).tolist(),
+                "gamma": ops.convert_to_numpy(ops.tanh(self.gamma_logit)).tolist()}
+
+    def row_inputs(self, grad, w_tilde, segment_ids=None, num_segments=1):
+        """`(g, phi_1, phi_2, kernel, moments)`: features and per-kernel moments.
+
+        `phi_1 = sign(g) * r`, `phi_2 = 2|r| - 1/2`; `moments` holds, per row,
+        its kernel's sums of `g^2 phi_i phi_j` (i <= j, `phi_0 = 1`), from
+        which `||g * f||_l^2` follows for any delta and gamma.
+        """
+        r = w_tilde
+        phi = [ops.ones_like(grad), ops.sign(grad) * r, 2.0 * ops.abs(r) - 0.5]
+        g2 = ops.square(grad)
+        pairs = ops.concatenate(
+            [g2 * phi[i] * phi[j] for i in range(3) for j in range(i, 3)], axis=-1)
+        moments = _segment_sum_rows(pairs, segment_ids, num_segments)
+        kernel = (ops.zeros_like(grad, dtype="int32") if segment_ids is None
+                  else ops.reshape(ops.cast(segment_ids, "int32"), (-1, 1)))
+        return (grad, phi[1], phi[2], kernel, moments)
+
+    def call(self, grad, w_tilde, state=(), segment_ids=None, num_segments=1):
+        return self.call_rows(
+            self.row_inputs(grad, w_tilde, segment_ids, num_segments), state)
+
+    def call_rows(self, rows, state=()):
+        grad, phi_1, phi_2, kernel, moments = rows
+        delta = ops.take(ops.tanh(self.delta_logit), kernel[:, 0])[:, None]
+        gamma = ops.take(ops.tanh(self.gamma_logit), kernel[:, 0])[:, None]
+        m00, m01, m02, m11, m12, m22 = ops.split(moments, 6, axis=-1)
+        norm_f = (m00 + 2.0 * delta * m01 + 2.0 * gamma * m02 + delta * delta * m11
+                  + 2.0 * delta * gamma * m12 + gamma * gamma * m22)
+        f = 1.0 + delta * phi_1 + gamma * phi_2
+        # ||g||_l / ||g f||_l; f > 0, so ||g f||_l = 0 only for a zero kernel.
+        scale = _safe_sqrt(m00) / _safe_sqrt(ops.maximum(norm_f, 0.0))
+        return grad * f * scale, ()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"num_kernels": self.num_kernels, "learn_shape": self.learn_shape})
+        return config
+
+
+_REGISTRY = {cls.name_key: cls for cls in (FCGrad, MultiFC, LSTMFC, GainMLP, MetaEWGS)}
 
 
 def class_for(name):
@@ -428,7 +585,7 @@ def get(identifier, **options):
     """Returns a meta network from a name, a config dict or an instance.
 
     Args:
-        identifier: "fc_grad", "multifc", "lstmfc", "gain_mlp", a
+        identifier: "fc_grad", "multifc", "lstmfc", "gain_mlp", "meta_ewgs", a
             `MetaNetwork`, or a serialized one.
         **options: constructor options (`hidden_size`, `seed`, ...).
 

@@ -147,6 +147,8 @@ class MetaQuantModel(keras.Model):
         self.meta_state = []
         if estimator == "metaquant":
             self.meta_network = meta_networks.get(meta_network)
+            self.meta_network.bind_kernels(
+                [s.quantizer for _, s in self._kernels.slots])
             if not self.meta_network.built:
                 self.meta_network.build()
 

@@ -158,6 +158,23 @@ class Quantizer:
         """`dW_hat / dx_q`: how the discretizer's domain maps onto `W_hat` (EWGS)."""
         raise ValueError(f"{type(self).__name__} defines no EWGS domain.")
 
+    def residual(self, w_tilde, channel_axes=(-1,)):
+        """`x - x_q` in the discretizer's domain, in units of its level step.
+
+        In [-1/2, 1/2]; positive where `W_hat` would grow if `W_tilde`
+        snapped to its level, so `sign(dL/dW_hat) * residual` is EWGS'
+        asymmetry (`mq_keras.meta_networks.MetaEWGS` reads it). Constant
+        (no gradient).
+        """
+        raise ValueError(
+            f"{type(self).__name__} defines no discretizer residual (its levels "
+            "are not a uniform grid); use DoReFa, BWN or Uniform.")
+
+    @property
+    def defines_residual(self):
+        """Whether `residual` is defined for this quantizer."""
+        return type(self).residual is not Quantizer.residual
+
     @property
     def num_levels(self):
         """Maximum number of distinct values per output channel."""
@@ -264,6 +281,11 @@ class DoReFa(Quantizer):
     def discretizer_step(self, w_tilde, channel_axes=(-1,)):
         return 2.0  # W_hat = 2 * x_q - 1
 
+    def residual(self, w_tilde, channel_axes=(-1,)):
+        # x = W_tilde, x_q = round(n x) / n: in level units n (x - x_q).
+        u = float(2**self.num_bits - 1) * ops.stop_gradient(w_tilde)
+        return u - ops.round(u)
+
     def num_scales(self, kernel_shape, channel_axes=(-1,)):
         return 0  # levels are fixed odd multiples of 1/(2^k - 1)
 
@@ -335,6 +357,14 @@ class BWN(Quantizer):
         # the gradient keeps the factor alpha.
         fn = _ste(forward, gate=lambda x: ops.abs(x) <= 1.0, slope=alpha)
         return fn(w_tilde)
+
+    def residual(self, w_tilde, channel_axes=(-1,)):
+        # ApproxSign's domain u = W / max|W| in [-1, 1], levels -1 and +1
+        # (sign(0) = +1 as the forward): in level units (u - sign(u)) / 2.
+        w = ops.stop_gradient(w_tilde)
+        top = self._alpha(w, channel_axes, ops.max)
+        u = w / ops.where(top > 0, top, ops.ones_like(top))
+        return 0.5 * (u - ops.where(u >= 0, 1.0, -1.0))
 
     @property
     def num_levels(self):
@@ -476,6 +506,10 @@ class Uniform(Quantizer):
 
     def discretizer_step(self, w_tilde, channel_axes=(-1,)):
         return self.scale(w_tilde, channel_axes)  # W_hat = s * x_q
+
+    def residual(self, w_tilde, channel_axes=(-1,)):
+        x = ops.stop_gradient(w_tilde) / self.scale(w_tilde, channel_axes)
+        return x - ops.round(x)  # the step is 1 in the domain x = W / s
 
     @property
     def num_levels(self):

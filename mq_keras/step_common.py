@@ -92,6 +92,18 @@ class KernelSlots:
             full[i] = c
         return self.flat(full)
 
+    def meta_inputs(self, network, w_tildes):
+        """The weight input `network` reads, per kernel (`weight_input`).
+
+        `W_tilde` itself, or for "residual" networks `x - x_q` computed by
+        each kernel's own quantizer (bit widths and domains may differ per
+        kernel, so only the quantizer knows its grid).
+        """
+        if network.weight_input != "residual":
+            return w_tildes
+        return [s.quantizer.residual(w, s.channel_axes)
+                for (_, s), w in zip(self.slots, w_tildes)]
+
     def partition(self, base_variables):
         """Splits what a step trains: active kernel slots, others, biases.
 
@@ -168,8 +180,9 @@ class StepContext:
             grads = [s.prev_grad for _, s in kernels.slots]
             w_tildes = [s.prev_w_tilde for _, s in kernels.slots]
         state = self.meta_state if (self.carries_state and not fresh) else ()
+        w_inputs = kernels.meta_inputs(self.meta_network, w_tildes)
         return MetaApplication(
-            self.meta_network, kernels.flat(grads), kernels.flat(w_tildes), state,
+            self.meta_network, kernels.flat(grads), kernels.flat(w_inputs), state,
             chunk_size=self.model.meta_chunk_size,
             segment_ids=ops.convert_to_tensor(kernels.segment_ids),
             num_segments=len(kernels.sizes),

@@ -102,7 +102,8 @@ def paper_step(ctx, x, y, sample_weight):
     # stands in for the STE as dL/dW_tilde when differentiating w.r.t. phi.
     # (At the state this step leaves, or the zero state when it is reset.)
     if ctx.carries_state:
-        m_now = app.then_apply(ctx.kernels.flat(g_what), ctx.kernels.flat(w_tildes))
+        m_now = app.then_apply(ctx.kernels.flat(g_what), ctx.kernels.flat(
+            ctx.kernels.meta_inputs(ctx.meta_network, w_tildes)))
     else:
         m_now = ctx.meta_application(g_what, w_tildes, fresh=True).m
     m_now = ctx.kernels.split(m_now)

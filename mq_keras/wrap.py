@@ -116,7 +116,8 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
             `Quantizer` instance.
         num_bits: bit width (dorefa 1-8, bwn 1, ternary 2, uniform 2-8);
             `None` takes the quantizer's default (dorefa 1, uniform 8).
-        meta_network: "multifc" (default), "fc_grad", "lstmfc", "gain_mlp", a
+        meta_network: "multifc" (default), "fc_grad", "lstmfc", "gain_mlp",
+            "meta_ewgs" (ours: learned EWGS, norm-preserving), a
             `MetaNetwork` instance, or "ste" (same as `estimator="ste"`).
         estimator: "metaquant" (default), "ste" (plain straight-through), or
             a hand-designed rule trained like the STE: "ewgs" (set its delta

@@ -5,7 +5,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "benchmark_step_time.py"
-METHODS = ("float", "ste", "fc_grad", "multifc", "lstmfc", "gain_mlp")
+METHODS = ("float", "ste", "fc_grad", "multifc", "lstmfc", "gain_mlp", "meta_ewgs")
 
 
 def test_benchmark_step_time_smoke(tmp_path, run_python):
@@ -29,7 +29,7 @@ def test_benchmark_step_time_smoke(tmp_path, run_python):
         assert all(t > 0 for t in r["wall_ms_steps"])
         assert r["wall_ratio_to_float"] > 0 and r["wall_ratio_to_ste"] > 0
     assert results["float"]["state"]["total_state"] == 0
-    for method in ("fc_grad", "multifc", "lstmfc", "gain_mlp"):
+    for method in ("fc_grad", "multifc", "lstmfc", "gain_mlp", "meta_ewgs"):
         state = results[method]["state"]
         assert state["meta_params"] > 0 and state["kernel_state"] > 0
         assert state["total_state"] > results["ste"]["state"]["total_state"]
