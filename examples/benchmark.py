@@ -15,10 +15,10 @@ Profiles:
             `--seeds` seeds, MNIST and CIFAR-10 ResNet20 (`--cifar_steps`) at
             DoReFa 1/2/4 bits and BWN; prints each method's best of sweep
             (examples/sweep.py). Hours on 2 cores: a GPU job, or `--tasks`.
-    medium  the strong protocol cut to what 2 CPU cores run in about an hour
-            per bit width: MNIST, DoReFa 1 and 2 bits (`--bits`), STE, EWGS,
-            ApproxSign (1 bit), MultiFC, GainMLP, SGD+momentum and Adam at 3
-            learning rates each, `--seeds` seeds.
+    medium  the strong protocol cut to what 2 CPU cores run in a few hours:
+            MNIST, DoReFa 1 and 2 bits (`--bits`), STE, EWGS, ApproxSign (1
+            bit), MultiFC, MetaEWGS and its frozen control, SGD+momentum at 4
+            and Adam at 3 learning rates, `--seeds` seeds.
     full    the paper's Table 1 for a GPU: ResNet20, 100 epochs, lr x0.1 every
             30 epochs, DoReFa and BWN, SGD and Adam, STE / FC-Grad / MultiFC /
             LSTMFC / GainMLP, 5 seeds.
@@ -279,6 +279,8 @@ def _quantized(spec, model, train, loss):
                                                   gradient="ewgs", delta=deltas[(w.name, "kernel")])
             for w in net.wrappers}
         return mq_keras.quantize_model(model, estimator="ewgs", layer_quantizers=per_layer, **common)
+    if method == "meta_ewgs_lr0":  # the control: MetaEWGS never leaves the STE
+        method = "meta_ewgs"
     return mq_keras.quantize_model(model, meta_network=method, estimator="metaquant",
                                    meta_network_options={"seed": spec["seed"]}, **common)
 

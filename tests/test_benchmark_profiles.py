@@ -70,9 +70,10 @@ def test_medium_profile_gives_every_method_the_same_sweep():
     assert set(grids) == {1, 2}
     assert set(grids[1]) == set(sweep.MEDIUM_METHODS)
     assert set(grids[2]) == set(sweep.MEDIUM_METHODS) - {"approx_sign"}
+    assert {r["meta_lr"] for r in medium if r["method"] == "meta_ewgs_lr0"} == {0.0}
     for by_method in grids.values():
         first = next(iter(by_method.values()))
-        assert len(first) == 2 * 3 * 3  # 2 optimizers x 3 lrs x 3 seeds
+        assert len(first) == (4 + 3) * 3  # (4 SGD+momentum + 3 Adam lrs) x 3 seeds
         assert all(grid == first for grid in by_method.values())
 
 
