@@ -460,6 +460,25 @@ def _save(plt, fig, out_dir, name):
     return name
 
 
+def _plot_meta_ewgs(plt, runs, out_dir):
+    """MetaEWGS' learned per-coordinate factor f(r) for g > 0, one line per kernel."""
+    import numpy as np
+
+    r = np.linspace(-0.5, 0.5, 101)
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.8 * len(runs), 3.2), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        p = run["meta_parameters"]
+        for kernel, delta, gamma in zip(p["kernels"], p["delta"], p["gamma"]):
+            ax.plot(r, 1 + delta * r + gamma * (2 * np.abs(r) - 0.5),
+                    label=f"{kernel.split('/')[0]}: d={delta:+.2f} g={gamma:+.2f}")
+        ax.axhline(1.0, color="k", ls="--", lw=0.8, label="STE")
+        ax.set(title=f"{run['task']} {run['quantizer']}{run['bits']} {run['optimizer']} "
+                     f"lr={run['lr']:g}", xlabel="residual r = x - x_q (levels), g > 0",
+               ylabel="factor f (before renorm.)")
+        ax.legend(fontsize=6)
+    return _save(plt, fig, out_dir, "meta_ewgs_function.png")
+
+
 def plot(results, out_dir, sweep_rows=None):
     """Writes curves_*.png and meta_function.png; returns the file names.
 
@@ -502,6 +521,15 @@ def plot(results, out_dir, sweep_rows=None):
                title=f"{task} {q}{bits}: best of sweep per method")
         ax.legend(fontsize=7)
         files.append(_save(plt, fig, out_dir, f"best_{task}_{q}{bits}.png"))
+    learned = [r for r in results if r.get("meta_parameters") and r.get("seed", 0) == 0
+               and r["method"] == "meta_ewgs"]
+    if sweep_rows:  # the best configuration of each workload only
+        best = {(b["task"], b["bits"], b["optimizer"], b["lr"])
+                for b in sweep.best_of_sweep(sweep_rows) if b["method"] == "meta_ewgs"}
+        learned = [r for r in learned
+                   if (r["task"], r["bits"], r["optimizer"], r["lr"]) in best]
+    if learned:
+        files.append(_plot_meta_ewgs(plt, learned[:4], out_dir))
     metas = [r for r in results if r.get("meta_function") and r.get("seed", 0) == 0
              and r["task"] == "cifar10" and r["optimizer"] == "sgd"] or \
             [r for r in results if r.get("meta_function") and r.get("seed", 0) == 0][:4]
