@@ -50,7 +50,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "sweep", ["sweep", "timing", "report"],
                   "What to measure (report: only print the runs of --inputs).")
 flags.DEFINE_list("inputs", [], "Report mode: JSON-lines files to merge.")
-flags.DEFINE_integer("bits", 1, "DoReFa bit width.", lower_bound=1, upper_bound=8)
+# --bits (the DoReFa width, one value; default 1) is benchmark.py's flag.
 flags.DEFINE_list("sgdm_lrs", ["0.01", "0.03", "0.1"], "SGD (momentum 0.9) rates.")
 flags.DEFINE_list("adam_lrs", ["1e-3", "3e-3"], "Adam rates.")
 flags.DEFINE_float("meta_lr", 1e-2, "Meta optimizer (PaperAdam) rate of MetaEWGS.")
@@ -208,7 +208,10 @@ def main(argv):
         return
     output = FLAGS.output or os.path.join(tempfile.mkdtemp(prefix="mq_est_"), "runs.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    specs = sweep_specs(FLAGS.methods or ["ste", "meta_ewgs"], FLAGS.bits, FLAGS.seeds,
+    if FLAGS.bits and len(FLAGS.bits) != 1:
+        raise app.UsageError(f"--bits takes one width here, got {FLAGS.bits}.")
+    bits = int(FLAGS.bits[0]) if FLAGS.bits else 1
+    specs = sweep_specs(FLAGS.methods or ["ste", "meta_ewgs"], bits, FLAGS.seeds,
                         FLAGS.sgdm_lrs,
                         FLAGS.adam_lrs, steps=FLAGS.steps, batch_size=FLAGS.batch_size,
                         meta_lr=FLAGS.meta_lr)
