@@ -172,7 +172,7 @@ def test_options_for_a_quantizer_instance():
 # ---------------------------------------------------------------- meta networks
 def test_unknown_meta_network_name():
     with pytest.raises(ValueError, match=r"Unknown meta_network 'lstm'; allowed names "
-                       r"are \['fc_grad', 'gain_mlp', 'lstmfc', 'multifc'\] "
+                       r"are \['fc_grad', 'gain_mlp', 'lstmfc', 'meta_ewgs', 'multifc'\] "
                        r"\(or estimator='ste'"):
         _quantize(meta_network="lstm")
 
