@@ -26,14 +26,12 @@ Run:
 
 import json
 import os
-import pathlib
 import statistics
 import sys
 import time
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
-if "TFDS_DATA_DIR" not in os.environ and (_REPO.parent / "shared" / "tensorflow_datasets").is_dir():
-    os.environ["TFDS_DATA_DIR"] = str(_REPO.parent / "shared" / "tensorflow_datasets")
+# Data comes through examples/zoo.py, which points TFDS_DATA_DIR at
+# ../shared/tensorflow_datasets when it is unset.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

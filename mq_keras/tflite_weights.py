@@ -384,18 +384,17 @@ def regrid_int8_filters(int8_flatbuffer, float_flatbuffer):
             bias = sg.tensors[bias_index]
             bbuf = model.buffers[bias.buffer]
             if bias.type == schema.TensorType.INT32 and bbuf.data is not None:
-                b = np.frombuffer(bytes(bbuf.data), np.int32).astype(np.float64)
                 ratio = old_scales.astype(np.float64) / new_scales.astype(np.float64)
                 new_scale = (np.asarray(bias.quantization.scale, np.float64) / ratio
                              ).astype(np.float32)
                 # Rounded once, from the float bias where the float file has
                 # it: rescaling the converter's rounded int32 would round twice
                 # (up to one int32 step off instead of half).
-                real = float_bias.get(_name(t))
-                if real is not None and real.shape == b.shape:
-                    b = real / new_scale.astype(np.float64)
+                b = float_bias.get(_name(t))
+                if b is not None and b.shape == new_scale.shape:
+                    b = b / new_scale.astype(np.float64)
                 else:
-                    b = b * ratio
+                    b = np.frombuffer(bytes(bbuf.data), np.int32) * ratio
                 new_b = np.clip(np.round(b), -2**31, 2**31 - 1).astype(np.int32)
                 bbuf.data = np.frombuffer(new_b.tobytes(), np.uint8)
                 bias.quantization.scale = new_scale
