@@ -17,8 +17,11 @@ Profiles:
             (examples/sweep.py). Hours on 2 cores: a GPU job, or `--tasks`.
     medium  the strong protocol cut to what 2 CPU cores run in a few hours:
             MNIST, DoReFa 1 and 2 bits (`--bits`), STE, EWGS, ApproxSign (1
-            bit), MultiFC, MetaEWGS and its frozen control, SGD+momentum at 4
-            and Adam at 3 learning rates, `--seeds` seeds.
+            bit), MultiFC, MetaEWGS (from the STE, and from EWGS' delta kept
+            >= 0: "meta_ewgs_prior") and their frozen controls, SGD+momentum
+            at 4 and Adam at 3 learning rates; CIFAR-10 ResNet20 from the FP
+            weights, DoReFa 1 bit, 150 steps, STE, EWGS and
+            meta_ewgs_prior at Adam's 3 rates; `--seeds` seeds.
     full    the paper's Table 1 for a GPU: ResNet20, 100 epochs, lr x0.1 every
             30 epochs, DoReFa and BWN, SGD and Adam, STE / FC-Grad / MultiFC /
             LSTMFC / GainMLP, 5 seeds.
@@ -110,7 +113,9 @@ def profile_runs(profile, seeds=3):
         return sweep.medium_runs(
             _run, seeds=seeds,
             mnist_budget=dict(steps=300, eval_every=50, batch_size=64, train_limit=10000,
-                              test_limit=5000, last_k=3, pretrain_steps=157))
+                              test_limit=5000, last_k=3, pretrain_steps=157),
+            cifar_budget=dict(steps=150, eval_every=50, batch_size=128, train_limit=None,
+                              test_limit=2000, last_k=2, pretrain_steps=0))
     if profile == "strong":
         return sweep.strong_runs(
             _run, seeds=seeds, cifar_steps=FLAGS.cifar_steps if FLAGS.is_parsed() else 1200,
@@ -279,10 +284,14 @@ def _quantized(spec, model, train, loss):
                                                   gradient="ewgs", delta=deltas[(w.name, "kernel")])
             for w in net.wrappers}
         return mq_keras.quantize_model(model, estimator="ewgs", layer_quantizers=per_layer, **common)
-    if method == "meta_ewgs_lr0":  # the control: MetaEWGS never leaves the STE
+    options = {"seed": spec["seed"]}
+    if method.startswith("meta_ewgs"):
+        # The "_lr0" controls are the same network with a meta lr of 0: they
+        # keep their start (the STE, or EWGS for "_prior").
+        options.update(sweep.meta_ewgs_options(method, spec["quantizer"], spec["bits"]))
         method = "meta_ewgs"
     return mq_keras.quantize_model(model, meta_network=method, estimator="metaquant",
-                                   meta_network_options={"seed": spec["seed"]}, **common)
+                                   meta_network_options=options, **common)
 
 
 def run_one(spec, cache_dir):

@@ -24,9 +24,35 @@ EWGS_DELTA = {"dorefa": 0.2, "uniform": 0.2}  # fixed-delta variant
 # our learned estimator: MetaEWGS with a meta learning rate of 0 keeps its
 # start, the STE's function, inside MetaQuant's step (which takes the
 # gradient at the look-ahead point); MetaEWGS itself learns at 1e-2.
+# "meta_ewgs_prior" is MetaEWGS started at EWGS' fixed delta with the
+# delta kept >= 0 (the sign EWGS' analysis gives; unconstrained, the
+# look-ahead drove it below 0); "meta_ewgs_prior_lr0" is its frozen control
+# (EWGS' function, renormalised, inside MetaQuant's step).
 MEDIUM_SWEEP = {"sgdm": (0.01, 0.03, 0.1, 0.3), "adam": (1e-3, 3e-3, 1e-2)}
-MEDIUM_METHODS = ("ste", "ewgs", "approx_sign", "multifc", "meta_ewgs", "meta_ewgs_lr0")
-META_LR = {"meta_ewgs": 1e-2, "meta_ewgs_lr0": 0.0}
+MEDIUM_METHODS = ("ste", "ewgs", "approx_sign", "multifc", "meta_ewgs", "meta_ewgs_lr0",
+                  "meta_ewgs_prior", "meta_ewgs_prior_lr0")
+META_LR = {"meta_ewgs": 1e-2, "meta_ewgs_lr0": 0.0,
+           "meta_ewgs_prior": 1e-2, "meta_ewgs_prior_lr0": 0.0}
+# CIFAR-10 ResNet20 from the paper's FP weights, 1-bit DoReFa, in the medium
+# profile: one ResNet20 step costs ~50x an MNIST step on 2 cores, so the
+# sweep is Adam's three rates (Adam led SGD for every method at this budget
+# in the quick profile: STE 75.5% vs 65.0% at its best SGD rate) and the
+# methods are the STE, EWGS and our learned estimator.
+MEDIUM_CIFAR_SWEEP = {"adam": (3e-4, 1e-3, 3e-3)}
+MEDIUM_CIFAR_METHODS = ("ste", "ewgs", "meta_ewgs_prior")
+
+
+def meta_ewgs_options(method, quantizer, bits):
+    """MetaEWGS options of a benchmark method ("meta_ewgs*"), {} for the default.
+
+    "_prior" starts at EWGS' fixed delta in MetaEWGS' level units
+    (`delta / (2^k - 1)` for DoReFa), nonnegative.
+    """
+    if not method.startswith("meta_ewgs_prior"):
+        return {}
+    levels = 2**bits - 1 if quantizer == "dorefa" else 1
+    return {"delta_init": EWGS_DELTA.get(quantizer, 0.2) / levels,
+            "delta_range": "nonnegative"}
 
 
 def methods_for(quantizer, bits):
@@ -57,9 +83,18 @@ def strong_runs(make_run, *, seeds=3, cifar_steps=1200, mnist_budget, cifar_budg
     return runs
 
 
-def medium_runs(make_run, *, seeds=3, mnist_budget):
-    """MNIST DoReFa 1 and 2 bits, `MEDIUM_METHODS` under `MEDIUM_SWEEP`."""
+def medium_runs(make_run, *, seeds=3, mnist_budget, cifar_budget):
+    """MNIST DoReFa 1 and 2 bits, `MEDIUM_METHODS` under `MEDIUM_SWEEP`; CIFAR-10
+    ResNet20 DoReFa 1 bit, `MEDIUM_CIFAR_METHODS` under `MEDIUM_CIFAR_SWEEP`."""
     runs = []
+    for seed in range(seeds):
+        for method in MEDIUM_CIFAR_METHODS:
+            extra = {"meta_lr": META_LR[method]} if method in META_LR else {}
+            for opt, lrs in MEDIUM_CIFAR_SWEEP.items():
+                for lr in lrs:
+                    runs.append(make_run("cifar10", method, quantizer="dorefa", bits=1,
+                                         optimizer=opt, lr=lr, seed=seed, **cifar_budget,
+                                         **extra))
     for seed in range(seeds):
         for bits in (1, 2):
             for method in MEDIUM_METHODS:

@@ -420,7 +420,9 @@ class MetaEWGS(MetaNetwork):
 
     Forward, for the rows of kernel `l`::
 
-        delta_l = tanh(a_l);   gamma_l = tanh(b_l)
+        delta_l = tanh(a_l)    (delta_range="signed", the default)
+        delta_l = sigmoid(a_l) (delta_range="nonnegative")
+        gamma_l = tanh(b_l)
         f = 1 + delta_l * sign(g) * r + gamma_l * (2|r| - 1/2)
         m = g * f * ||g||_l / ||g * f||_l
 
@@ -445,7 +447,14 @@ class MetaEWGS(MetaNetwork):
       learned a ~20x gain, which a tuned learning rate gives the STE too);
     * `m` is homogeneous of degree 1 in `g`, so the function is invariant to
       the gradient's scale (learning rate, loss scaling, batch size);
-    * `a = b = 0` at the start: `f = 1`, `m = g`, exactly the STE.
+    * at the start `gamma_l = 0` and `delta_l = delta_init`: with the
+      default 0, `f = 1` and `m = g`, exactly the STE; with EWGS' delta in
+      level units (`delta / n` for DoReFa's `n = 2^k - 1` levels) and
+      `delta_range="nonnegative"` it starts as EWGS (renormalised) and the
+      look-ahead may only shrink or grow EWGS' damping, never reverse it.
+      The one-step look-ahead alone drives a signed delta below 0 (it
+      favours weights about to change code, a greedy choice for the next
+      step); the constraint keeps the sign that EWGS' analysis gives.
 
     Backward: ordinary autograd through `tanh`, `f` and the renormalisation.
     Rows interact only through per-kernel moments of `g` that do not depend
@@ -457,14 +466,32 @@ class MetaEWGS(MetaNetwork):
         num_kernels: number of kernels (one `(delta, gamma)` each); None:
             set by `MetaQuantModel` (`bind_kernels`).
         learn_shape: learn `gamma_l` (default); False keeps it 0.
+        delta_init: every `delta_l` at the start; in (-1, 1) when signed,
+            in (0, 1) when nonnegative.
+        delta_range: "signed" (`tanh`) or "nonnegative" (`sigmoid`).
         **kwargs: `MetaNetwork` options (`hidden_size` is unused).
     """
 
     name_key = "meta_ewgs"
     weight_input = "residual"
 
-    def __init__(self, *, num_kernels=None, learn_shape=True, **kwargs):
+    DELTA_RANGES = ("signed", "nonnegative")
+
+    def __init__(self, *, num_kernels=None, learn_shape=True, delta_init=0.0,
+                 delta_range="signed", **kwargs):
         super().__init__(**kwargs)
+        if delta_range not in self.DELTA_RANGES:
+            raise ValueError(
+                f"delta_range must be one of {self.DELTA_RANGES}, got {delta_range!r}.")
+        lo = 0.0 if delta_range == "nonnegative" else -1.0
+        if (isinstance(delta_init, bool) or not isinstance(delta_init, numbers.Real)
+                or not lo < float(delta_init) < 1.0):
+            raise ValueError(
+                f"delta_init must be a number in ({lo:g}, 1) for "
+                f"delta_range={delta_range!r}, got {delta_init!r}; EWGS' delta "
+                "in level units is delta / (2^k - 1) for k-bit DoReFa.")
+        self.delta_init = float(delta_init)
+        self.delta_range = delta_range
         if num_kernels is not None and (
                 isinstance(num_kernels, bool) or not isinstance(num_kernels, numbers.Integral)
                 or num_kernels < 1):
@@ -494,8 +521,11 @@ class MetaEWGS(MetaNetwork):
                 "MetaEWGS needs num_kernels before build: pass num_kernels= or let "
                 "MetaQuantModel set it.")
         shape = (self.num_kernels,)
+        d = self.delta_init
+        # The logit whose tanh / sigmoid is delta_init.
+        logit = math.atanh(d) if self.delta_range == "signed" else math.log(d / (1.0 - d))
         self.delta_logit = self.add_weight(name="delta_logit", shape=shape,
-                                           initializer="zeros")
+                                           initializer=keras.initializers.Constant(logit))
         self.gamma_logit = self.add_weight(name="gamma_logit", shape=shape,
                                            initializer="zeros",
                                            trainable=self.learn_shape)
@@ -503,8 +533,13 @@ class MetaEWGS(MetaNetwork):
 
     def learned_parameters(self):
         """`{"delta": [...], "gamma": [...]}`, one value per kernel."""
-        return {"delta": ops.convert_to_numpy(ops.tanh(self.delta_logit)).tolist(),
+        return {"delta": ops.convert_to_numpy(self._delta()).tolist(),
                 "gamma": ops.convert_to_numpy(ops.tanh(self.gamma_logit)).tolist()}
+
+    def _delta(self):
+        if self.delta_range == "signed":
+            return ops.tanh(self.delta_logit)
+        return ops.sigmoid(self.delta_logit)
 
     def row_inputs(self, grad, w_tilde, segment_ids=None, num_segments=1):
         """`(g, phi_1, phi_2, kernel, moments)`: features and per-kernel moments.
@@ -529,7 +564,7 @@ class MetaEWGS(MetaNetwork):
 
     def call_rows(self, rows, state=()):
         grad, phi_1, phi_2, kernel, moments = rows
-        delta = ops.take(ops.tanh(self.delta_logit), kernel[:, 0])[:, None]
+        delta = ops.take(self._delta(), kernel[:, 0])[:, None]
         gamma = ops.take(ops.tanh(self.gamma_logit), kernel[:, 0])[:, None]
         m00, m01, m02, m11, m12, m22 = ops.split(moments, 6, axis=-1)
         norm_f = (m00 + 2.0 * delta * m01 + 2.0 * gamma * m02 + delta * delta * m11
@@ -541,7 +576,8 @@ class MetaEWGS(MetaNetwork):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"num_kernels": self.num_kernels, "learn_shape": self.learn_shape})
+        config.update({"num_kernels": self.num_kernels, "learn_shape": self.learn_shape,
+                       "delta_init": self.delta_init, "delta_range": self.delta_range})
         return config
 
 

@@ -64,17 +64,30 @@ def test_medium_profile_gives_every_method_the_same_sweep():
     medium = benchmark.profile_runs("medium")
     grids = {}
     for r in medium:
-        assert r["task"] == "mnist" and r["quantizer"] == "dorefa"
-        grids.setdefault(r["bits"], {}).setdefault(r["method"], set()).add(
+        assert r["quantizer"] == "dorefa"
+        grids.setdefault((r["task"], r["bits"]), {}).setdefault(r["method"], set()).add(
             (r["optimizer"], r["lr"], r["seed"]))
-    assert set(grids) == {1, 2}
-    assert set(grids[1]) == set(sweep.MEDIUM_METHODS)
-    assert set(grids[2]) == set(sweep.MEDIUM_METHODS) - {"approx_sign"}
-    assert {r["meta_lr"] for r in medium if r["method"] == "meta_ewgs_lr0"} == {0.0}
-    for by_method in grids.values():
+    assert set(grids) == {("mnist", 1), ("mnist", 2), ("cifar10", 1)}
+    assert set(grids["mnist", 1]) == set(sweep.MEDIUM_METHODS)
+    assert set(grids["mnist", 2]) == set(sweep.MEDIUM_METHODS) - {"approx_sign"}
+    assert set(grids["cifar10", 1]) == set(sweep.MEDIUM_CIFAR_METHODS)
+    for m in ("meta_ewgs_lr0", "meta_ewgs_prior_lr0"):
+        assert {r["meta_lr"] for r in medium if r["method"] == m} == {0.0}
+    sizes = {"mnist": (4 + 3) * 3, "cifar10": 3 * 3}  # lrs x 3 seeds
+    for (task, _), by_method in grids.items():
         first = next(iter(by_method.values()))
-        assert len(first) == (4 + 3) * 3  # (4 SGD+momentum + 3 Adam lrs) x 3 seeds
+        assert len(first) == sizes[task]
         assert all(grid == first for grid in by_method.values())
+
+
+def test_meta_ewgs_prior_starts_at_ewgs_delta_in_level_units():
+    import sweep
+
+    assert sweep.meta_ewgs_options("meta_ewgs", "dorefa", 1) == {}
+    one = sweep.meta_ewgs_options("meta_ewgs_prior", "dorefa", 1)
+    two = sweep.meta_ewgs_options("meta_ewgs_prior_lr0", "dorefa", 2)
+    assert one == {"delta_init": sweep.EWGS_DELTA["dorefa"], "delta_range": "nonnegative"}
+    assert two["delta_init"] == pytest.approx(sweep.EWGS_DELTA["dorefa"] / 3)
 
 
 def test_peer_profile_is_like_for_like_with_tfmot():

@@ -207,3 +207,58 @@ def test_by_name_and_errors():
 def test_fixed_shape_trains_delta_only():
     net = _net(num_kernels=2, learn_shape=False)
     assert [v.name for v in net.trainable_variables] == ["delta_logit"]
+
+
+def ref_ewgs_renormalised(g, r, seg, delta):
+    """EWGS' factor `1 + delta * sign(g) * r`, renormalised per kernel."""
+    return ref_meta_ewgs(g, r, seg, np.arctanh(np.asarray(delta, "float64")), np.zeros(3))
+
+
+@pytest.mark.parametrize("delta_range", ["signed", "nonnegative"])
+def test_delta_init_starts_at_ewgs(delta_range):
+    g, r, seg = _inputs(seed=7)
+    net = _net(delta_init=0.2, delta_range=delta_range)
+    np.testing.assert_allclose(net.learned_parameters()["delta"], [0.2] * 3, rtol=1e-6)
+    np.testing.assert_allclose(_call(net, g, r, seg), ref_ewgs_renormalised(g, r, seg, [0.2] * 3),
+                               rtol=2e-5, atol=1e-9)
+
+
+def test_nonnegative_delta_is_a_sigmoid_and_never_reverses_ewgs():
+    g, r, seg = _inputs(seed=8)
+    a = np.array([-30.0, 0.0, 2.5], "float32")
+    net = _net(delta_init=0.5, delta_range="nonnegative", delta_logit=a)
+    delta = 1.0 / (1.0 + np.exp(-a.astype("float64")))
+    np.testing.assert_allclose(net.learned_parameters()["delta"], delta, rtol=1e-6)
+    np.testing.assert_allclose(_call(net, g, r, seg), ref_ewgs_renormalised(g, r, seg, delta),
+                               rtol=2e-5, atol=1e-9)
+    assert min(net.learned_parameters()["delta"]) >= 0.0
+
+
+def test_prior_trains_and_round_trips(tmp_path):
+    q = mqk.quantize_model(tiny_cnn(), meta_network="meta_ewgs", verbose=False,
+                           meta_network_options={"delta_init": 0.2,
+                                                 "delta_range": "nonnegative"})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, 32)
+    q.compile(optimizer=keras.optimizers.SGD(0.05), meta_optimizer=mqk.PaperAdam(1e-1),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    delta = np.asarray(q.meta_network.learned_parameters()["delta"])
+    assert np.all(delta > 0) and np.any(np.abs(delta - 0.2) > 1e-4)
+    q.save(tmp_path / "p.keras")
+    loaded = keras.saving.load_model(tmp_path / "p.keras").meta_network
+    assert (loaded.delta_init, loaded.delta_range) == (0.2, "nonnegative")
+    assert loaded.learned_parameters() == q.meta_network.learned_parameters()
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"delta_range": "positive"}, "delta_range must be one of"),
+    ({"delta_init": 1.0}, r"delta_init must be a number in \(-1, 1\)"),
+    ({"delta_init": 0.0, "delta_range": "nonnegative"}, r"in \(0, 1\)"),
+    ({"delta_init": "0.2"}, "delta_init must be a number"),
+    ({"delta_init": True}, "delta_init must be a number"),
+])
+def test_bad_delta_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        mqk.MetaEWGS(**options)
