@@ -20,8 +20,10 @@ Profiles:
             bit), MultiFC, MetaEWGS (from the STE, and from EWGS' delta kept
             >= 0: "meta_ewgs_prior") and their frozen controls, SGD+momentum
             at 4 and Adam at 3 learning rates; CIFAR-10 ResNet20 from the FP
-            weights, DoReFa 1 bit, 150 steps, STE, EWGS and
-            meta_ewgs_prior at Adam's 3 rates; `--seeds` seeds.
+            weights, DoReFa 1 and 2 bits, 150 steps, STE, EWGS and
+            meta_ewgs_prior (and at 1 bit its frozen control) at Adam's 3
+            rates; `--seeds` seeds. `--merge` pools the results of several
+            invocations (e.g. one per task, run side by side).
     full    the paper's Table 1 for a GPU: ResNet20, 100 epochs, lr x0.1 every
             30 epochs, DoReFa and BWN, SGD and Adam, STE / FC-Grad / MultiFC /
             LSTMFC / GainMLP, 5 seeds.
@@ -73,6 +75,9 @@ flags.DEFINE_bool("tfmot", True, "Include TFMOT's QAT when .venv-tfmot exists.")
 flags.DEFINE_list("tasks", None, "Run only these tasks (cifar10, mnist); default all.")
 flags.DEFINE_list("bits", None, "Run only these weight bit widths (e.g. 1,2); default all.")
 flags.DEFINE_list("methods", None, "Run only these methods (e.g. float,ste,multifc); default all.")
+flags.DEFINE_list("merge", None, "Train nothing: pool the results.json files (or the "
+                  "directories holding them) of earlier invocations of this --profile "
+                  "and report them together in --output_dir.")
 flags.DEFINE_integer("max_runs", 0, "Run only the first N runs (0: all), for trials.")
 flags.DEFINE_integer("seeds", 3, "Seeds per configuration in the quick profile "
                      "(accuracy claims need at least 3).", lower_bound=1)
@@ -576,6 +581,10 @@ def main(argv):
     if FLAGS.run_one:
         print(RESULT_TAG + json.dumps(run_one(json.loads(FLAGS.run_one), out_dir)))
         return 0
+    if FLAGS.merge:
+        results = merge(FLAGS.merge, FLAGS.profile)
+        report(results, out_dir, FLAGS.profile, f"{len(results)} runs merged")
+        return 0
     runs = profile_runs(FLAGS.profile, FLAGS.seeds)
     if FLAGS.tasks:
         unknown = sorted(set(FLAGS.tasks) - {r["task"] for r in runs})
@@ -607,23 +616,60 @@ def main(argv):
               f"(start {100 * r['start_accuracy']:.2f}), {1000 * r['step_seconds']:.1f} ms/step, "
               f"{time.perf_counter() - t:.0f} s", flush=True)
     results += tfmot_runs(FLAGS.profile, out_dir, FLAGS.seeds)
+    report(results, out_dir, FLAGS.profile, f"{time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _spec_key(run):
+    return (run["task"], run["quantizer"], run["bits"], run["optimizer"], run["lr"],
+            run["method"], run["semantics"], run["seed"], run.get("activation_bits"),
+            run.get("meta_lr"), run["steps"])
+
+
+def merge(paths, profile):
+    """The runs of several results.json files of one profile, each configuration once.
+
+    Raises:
+        ValueError: a file of another profile, or one configuration and seed
+            with two different results (the same run is bit-identical across
+            invocations, so two results mean two different codes or budgets).
+    """
+    runs = {}
+    for path in paths:
+        if os.path.isdir(path):
+            path = os.path.join(path, "results.json")
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("profile") != profile:
+            raise ValueError(f"{path} holds --profile={data.get('profile')} runs, not "
+                             f"{profile}; merge the results of one profile at a time.")
+        for run in data["runs"]:
+            key = _spec_key(run)
+            if key in runs and runs[key]["accuracy"] != run["accuracy"]:
+                raise ValueError(f"{path}: run {key} differs from the same run in an earlier "
+                                 "file; were they made by different code?")
+            runs[key] = run
+    return list(runs.values())
+
+
+def report(results, out_dir, profile, took):
+    """Prints the tables; writes results.json, results.csv and the plots."""
     rows = summarize(results)
-    print(f"\nResults ({FLAGS.profile} profile, {time.perf_counter() - t0:.0f} s; per seed the "
+    print(f"\nResults ({profile} profile, {took}; per seed the "
           "mean of the last checkpoints; mean +- sample std over seeds; in parentheses the "
           "paper's population variance over seeds x last checkpoints)")
     print_table(rows)
-    if FLAGS.profile in ("medium", "strong"):
+    if profile in ("medium", "strong"):
         sweep.print_best(rows)
         sweep.print_best_curves(results, rows)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"profile": FLAGS.profile, "runs": results, "summary": rows}, f)
+        json.dump({"profile": profile, "runs": results, "summary": rows}, f)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    files = plot(results, out_dir, rows if FLAGS.profile in ("medium", "strong") else None)
+    files = plot(results, out_dir, rows if profile in ("medium", "strong") else None)
     print(f"\nWrote results.json, results.csv{', ' if files else ''}{', '.join(files)} in {out_dir}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -37,9 +37,11 @@ META_LR = {"meta_ewgs": 1e-2, "meta_ewgs_lr0": 0.0,
 # profile: one ResNet20 step costs ~50x an MNIST step on 2 cores, so the
 # sweep is Adam's three rates (Adam led SGD for every method at this budget
 # in the quick profile: STE 75.5% vs 65.0% at its best SGD rate) and the
-# methods are the STE, EWGS and our learned estimator.
+# methods are the STE, EWGS and our learned estimator at 1 and 2 bits, with
+# the learned estimator's frozen control at 1 bit.
 MEDIUM_CIFAR_SWEEP = {"adam": (3e-4, 1e-3, 3e-3)}
-MEDIUM_CIFAR_METHODS = ("ste", "ewgs", "meta_ewgs_prior")
+MEDIUM_CIFAR_METHODS = {1: ("ste", "ewgs", "meta_ewgs_prior", "meta_ewgs_prior_lr0"),
+                        2: ("ste", "ewgs", "meta_ewgs_prior")}
 
 
 def meta_ewgs_options(method, quantizer, bits):
@@ -85,16 +87,17 @@ def strong_runs(make_run, *, seeds=3, cifar_steps=1200, mnist_budget, cifar_budg
 
 def medium_runs(make_run, *, seeds=3, mnist_budget, cifar_budget):
     """MNIST DoReFa 1 and 2 bits, `MEDIUM_METHODS` under `MEDIUM_SWEEP`; CIFAR-10
-    ResNet20 DoReFa 1 bit, `MEDIUM_CIFAR_METHODS` under `MEDIUM_CIFAR_SWEEP`."""
+    ResNet20 DoReFa 1 and 2 bits, `MEDIUM_CIFAR_METHODS` under `MEDIUM_CIFAR_SWEEP`."""
     runs = []
     for seed in range(seeds):
-        for method in MEDIUM_CIFAR_METHODS:
-            extra = {"meta_lr": META_LR[method]} if method in META_LR else {}
-            for opt, lrs in MEDIUM_CIFAR_SWEEP.items():
-                for lr in lrs:
-                    runs.append(make_run("cifar10", method, quantizer="dorefa", bits=1,
-                                         optimizer=opt, lr=lr, seed=seed, **cifar_budget,
-                                         **extra))
+        for bits, methods in MEDIUM_CIFAR_METHODS.items():
+            for method in methods:
+                extra = {"meta_lr": META_LR[method]} if method in META_LR else {}
+                for opt, lrs in MEDIUM_CIFAR_SWEEP.items():
+                    for lr in lrs:
+                        runs.append(make_run("cifar10", method, quantizer="dorefa", bits=bits,
+                                             optimizer=opt, lr=lr, seed=seed, **cifar_budget,
+                                             **extra))
     for seed in range(seeds):
         for bits in (1, 2):
             for method in MEDIUM_METHODS:

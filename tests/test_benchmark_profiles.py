@@ -67,10 +67,12 @@ def test_medium_profile_gives_every_method_the_same_sweep():
         assert r["quantizer"] == "dorefa"
         grids.setdefault((r["task"], r["bits"]), {}).setdefault(r["method"], set()).add(
             (r["optimizer"], r["lr"], r["seed"]))
-    assert set(grids) == {("mnist", 1), ("mnist", 2), ("cifar10", 1)}
+    assert set(grids) == {("mnist", 1), ("mnist", 2), ("cifar10", 1), ("cifar10", 2)}
     assert set(grids["mnist", 1]) == set(sweep.MEDIUM_METHODS)
     assert set(grids["mnist", 2]) == set(sweep.MEDIUM_METHODS) - {"approx_sign"}
-    assert set(grids["cifar10", 1]) == set(sweep.MEDIUM_CIFAR_METHODS)
+    for bits in (1, 2):
+        assert set(grids["cifar10", bits]) == set(sweep.MEDIUM_CIFAR_METHODS[bits])
+        assert {"ste", "ewgs", "meta_ewgs_prior"} <= set(grids["cifar10", bits])
     for m in ("meta_ewgs_lr0", "meta_ewgs_prior_lr0"):
         assert {r["meta_lr"] for r in medium if r["method"] == m} == {0.0}
     sizes = {"mnist": (4 + 3) * 3, "cifar10": 3 * 3}  # lrs x 3 seeds
@@ -139,3 +141,32 @@ def test_smoke_profile(tmp_path, run_python):
     assert (tmp_path / "results.csv").exists()
     assert (tmp_path / "meta_function.png").exists()
     assert any(p.name.startswith("curves_") for p in tmp_path.iterdir())
+    # Two invocations' results pool into one report (--merge); a clash refuses.
+    runs = data["runs"]
+    for i, part in enumerate((runs[:3], runs[2:])):
+        (tmp_path / f"part{i}").mkdir()
+        (tmp_path / f"part{i}" / "results.json").write_text(
+            json.dumps({"profile": "smoke", "runs": part}))
+    merged = tmp_path / "merged"
+    proc = run_python(ROOT / "examples" / "benchmark.py", "--profile=smoke",
+                      f"--merge={tmp_path / 'part0'},{tmp_path / 'part1' / 'results.json'}",
+                      f"--output_dir={merged}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pooled = json.loads((merged / "results.json").read_text())
+    assert sorted(map(json.dumps, pooled["runs"])) == sorted(map(json.dumps, runs))
+    assert pooled["summary"] == data["summary"]
+
+
+def test_merge_refuses_clashing_runs_and_other_profiles(tmp_path):
+    import benchmark
+
+    run = dict(task="mnist", quantizer="dorefa", bits=1, optimizer="sgd", lr=0.05,
+               method="ste", semantics="code", seed=0, steps=4, accuracy=[0.5, 0.6])
+    for name, profile, r in (("a", "smoke", run), ("b", "smoke", dict(run, accuracy=[0.5, 0.7])),
+                             ("c", "quick", run)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"profile": profile, "runs": [r]}))
+    assert benchmark.merge([tmp_path / "a.json", tmp_path / "a.json"], "smoke") == [run]
+    with pytest.raises(ValueError, match="differs from the same run"):
+        benchmark.merge([tmp_path / "a.json", tmp_path / "b.json"], "smoke")
+    with pytest.raises(ValueError, match="profile=quick runs, not smoke"):
+        benchmark.merge([tmp_path / "c.json"], "smoke")
