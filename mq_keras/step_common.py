@@ -285,5 +285,15 @@ class StepContext:
             )
         logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs = dict(logs)
+        # An epoch whose every step was skipped has no loss to average: say
+        # NaN (which TerminateOnNaN and any finiteness check see), not the
+        # empty Mean's 0.0, which reads as a perfect fit.
+        trackers = [("loss", self._loss_tracker)]
+        if meta_norm is not None:
+            trackers += [("meta_loss", model.meta_loss_tracker),
+                         ("meta_grad_ratio", model.grad_ratio_tracker)]
+        for key, tracker in trackers:
+            if key in logs:
+                logs[key] = ops.where(tracker.count > 0, logs[key], float("nan"))
         logs["skipped_steps"] = model.skipped_steps
         return logs

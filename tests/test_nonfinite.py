@@ -101,3 +101,25 @@ def test_skipped_steps_is_saved_and_not_in_evaluate(tmp_path):
     assert "skipped_steps" not in q.evaluate(x, y, verbose=0, return_dict=True)
     q.save(tmp_path / "m.keras")
     assert int(keras.models.load_model(tmp_path / "m.keras").skipped_steps.numpy()) == 1
+
+
+@pytest.mark.parametrize("meta", ["ste", "multifc"])
+def test_epoch_of_skipped_steps_reports_nan_loss_not_zero(meta):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8, 6, 6, 1)).astype("float32")
+    y = rng.integers(0, 4, 8)
+    q = _model(meta, "code")
+    bad = np.full_like(x, np.nan)
+    hist = q.fit(bad, y, batch_size=4, epochs=1, verbose=0)
+    assert int(q.skipped_steps.numpy()) == 2
+    # Nothing was averaged: the loss is NaN (an empty Mean would say 0.0).
+    assert np.isnan(hist.history["loss"][0])
+    if meta != "ste":
+        assert np.isnan(hist.history["meta_loss"][0])
+    stopped = q.fit(bad, y, batch_size=4, epochs=3, verbose=0,
+                    callbacks=[keras.callbacks.TerminateOnNaN()])
+    assert len(stopped.history["loss"]) == 1
+    # One finite step among skipped ones: the epoch's loss is that step's.
+    mixed = np.concatenate([bad[:4], x[:4]])
+    hist = q.fit(mixed, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    assert np.isfinite(hist.history["loss"][0])
