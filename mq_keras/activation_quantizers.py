@@ -24,6 +24,11 @@ Range modes:
         extended to include 0; the first batch sets them.
     "pact": `lo`, `hi` are trained by the base optimizer from
         `init_range`, with the gradient above.
+    "fixed": `lo`, `hi` stay `init_range`. `quantize_model` puts one after
+        each op whose int8 kernel has a fixed output scale (sigmoid and
+        softmax: [0, 255/256], scale 1/256; tanh: [-1, 127/128], scale
+        1/128), so Keras rounds on the grid the file computes on, with no
+        requantize op after it.
 """
 
 import keras
@@ -31,7 +36,8 @@ import tensorflow as tf
 from keras import ops
 
 _PACKAGE = "mq_keras"
-RANGE_MODES = ("ema", "pact")
+RANGE_MODES = ("ema", "pact")  # what quantize_model(activation_quantizer=) takes
+_ALL_MODES = RANGE_MODES + ("fixed",)
 ALLOWED_BITS = tuple(range(2, 9))
 
 
@@ -41,7 +47,7 @@ def _check(num_bits, range_mode, ema_decay, init_range):
             f"activation_bits must be an int in {list(ALLOWED_BITS)} (TFLite's integer "
             f"kernels hold at most 8 bits), got {num_bits!r}."
         )
-    if range_mode not in RANGE_MODES:
+    if range_mode not in _ALL_MODES:
         raise ValueError(
             f"Unknown activation_quantizer {range_mode!r}; allowed values are "
             f"{RANGE_MODES} (or None for float activations)."
@@ -59,10 +65,11 @@ class ActivationQuantizer(keras.layers.Layer):
 
     Args:
         num_bits: 2 to 8.
-        range_mode: "ema" (moving min/max) or "pact" (trainable bounds).
+        range_mode: "ema" (moving min/max), "pact" (trainable bounds) or
+            "fixed" (`init_range`, never moves).
         ema_decay: decay of the moving averages ("ema").
         init_range: `(lo, hi)` before training ("pact"; "ema" starts from
-            the first batch).
+            the first batch), or for good ("fixed").
     """
 
     def __init__(self, *, num_bits=8, range_mode="ema", ema_decay=0.999,
@@ -96,8 +103,10 @@ class ActivationQuantizer(keras.layers.Layer):
         self.hi.assign(ops.where(first, hi, d * self.hi + (1.0 - d) * hi))
         self.seen.assign(1.0)
 
-    def call(self, inputs, training=None):
-        if training and self.range_mode == "ema":
+    def call(self, inputs, training=None, track_range=True):
+        # track_range=False: a second use of this quantizer (an input of the
+        # concatenation whose output it quantizes) that reads the range only.
+        if training and self.range_mode == "ema" and track_range:
             self._track(inputs)
         x = ops.cast(inputs, "float32")
         y = tf.quantization.fake_quant_with_min_max_vars(

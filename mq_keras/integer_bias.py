@@ -30,7 +30,7 @@ import keras
 import numpy as np
 
 from mq_keras import tflite_weights
-from mq_keras.activation_graph import producer_of
+from mq_keras.activation_graph import is_standalone_batch_norm, producer_of
 from mq_keras.layers import MetaQuantWrapper
 
 _KERNEL_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
@@ -58,6 +58,8 @@ class _Folded:
     """One kernel layer, the BatchNormalization folded into it, and `b'`."""
 
     def __init__(self, name, inner, bn):
+        # `inner` None: a standalone BatchNormalization, exported as a 1x1
+        # depthwise convolution (`tflite_graph.batch_norms_as_depthwise`).
         self.name, self.inner, self.bn = name, inner, bn
         bias = getattr(inner, "bias", None) if getattr(inner, "use_bias", False) else None
         self.bias = bias
@@ -74,6 +76,8 @@ class _Folded:
         self.folded = beta + (b - mean) * self.slope
 
     def _channels(self):
+        if self.inner is None:
+            return int(self.bn.moving_mean.shape[0])
         shape = self.inner.kernel.shape
         if isinstance(self.inner, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
             return int(shape[-2] * shape[-1])
@@ -104,7 +108,9 @@ def _folded_layers(model):
             if producer is not None:
                 bn_of[id(producer)] = layer
     return [_Folded(layer.name, _kernel_layer(layer), bn_of.get(id(layer)))
-            for layer in model.layers if _kernel_layer(layer) is not None]
+            for layer in model.layers if _kernel_layer(layer) is not None] + [
+        _Folded(layer.name, None, layer)
+        for layer in model.layers if is_standalone_batch_norm(layer)]
 
 
 def align_biases(model, flatbuffer):

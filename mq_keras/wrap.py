@@ -7,7 +7,7 @@ import keras
 
 from mq_keras import gradients, kernels, meta_networks, quantizers
 from mq_keras.activation_graph import insert_activation_quantizers
-from mq_keras.activation_quantizers import ActivationQuantizer
+from mq_keras.activation_quantizers import RANGE_MODES, ActivationQuantizer
 from mq_keras.cloning import clone_graph, copy_built_layer, copy_layer, is_graph_model
 from mq_keras.layer_config import KernelPlan
 from mq_keras.layers import SUPPORTED_LAYERS, MetaQuantWrapper, is_supported
@@ -24,6 +24,10 @@ def _activation_factory(kind, num_bits):
             )
         return None
     bits = 8 if num_bits is None else num_bits
+    if kind not in RANGE_MODES:  # "fixed" is placed by quantize_model itself
+        raise ValueError(
+            f"Unknown activation_quantizer {kind!r}; allowed values are "
+            f"{RANGE_MODES} (or None for float activations).")
     ActivationQuantizer(num_bits=bits, range_mode=kind)  # validates both
 
     def make(name):
