@@ -257,7 +257,7 @@ def run_family(name, *, quantizer="dorefa", num_bits=4, train_steps=4,
                eval_samples=32, representative_samples=16, lr=0.01,
                meta_lr=1e-3, recalibrate_bn=True,
                modes=("float", "weights", "int8"), data="auto", seed=0,
-               work_dir=None, images=None, log=print):
+               work_dir=None, images=None, activation_bits=None, log=print):
     """Quantizes, trains, saves, exports and verifies one family.
 
     Args:
@@ -280,6 +280,10 @@ def run_family(name, *, quantizer="dorefa", num_bits=4, train_steps=4,
         seed: weights, random data.
         work_dir: where the .keras file goes (default: a temp dir, removed).
         images: `load_images(...)` output to reuse across families.
+        activation_bits: train with 8-bit (or k-bit) EMA activation
+            quantizers and export "int8" from the trained ranges (no
+            representative dataset); None: float activations, "int8"
+            calibrated on `representative_samples` images.
         log: progress lines.
 
     Returns:
@@ -330,7 +334,8 @@ def run_family(name, *, quantizer="dorefa", num_bits=4, train_steps=4,
 
     qmodel = stage("quantize", lambda: mq_keras.quantize_model(
         float_model, kernel_quantizer=quantizer, num_bits=num_bits,
-        verbose=False))
+        activation_quantizer="ema" if activation_bits else None,
+        activation_bits=activation_bits, verbose=False))
     if qmodel is None:
         return _finish(row, t_family)
 
@@ -397,9 +402,10 @@ def run_family(name, *, quantizer="dorefa", num_bits=4, train_steps=4,
         def export(mode=mode):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                calibrate = mode == "int8" and not activation_bits
                 blob = mq_keras.convert_to_tflite(
                     qmodel, mode=mode,
-                    representative_dataset=x_rep if mode == "int8" else None)
+                    representative_dataset=x_rep if calibrate else None)
             report = mq_keras.verify_tflite(qmodel, blob, x_eval)
             row["tflite"][mode] = {
                 "bytes": len(blob),
@@ -475,6 +481,10 @@ def _define_flags():
     flags.DEFINE_enum("quantizer", "dorefa", ["dorefa", "uniform", "bwn", "ternary"],
                       "Kernel quantizer.")
     flags.DEFINE_integer("num_bits", 4, "Kernel bit width.")
+    flags.DEFINE_integer("activation_bits", 0, "Train with EMA activation quantizers "
+                         "of this many bits (2-8) and export int8 from the trained "
+                         "ranges; 0: float activations, int8 calibrated after training.",
+                         lower_bound=0, upper_bound=8)
     flags.DEFINE_integer("train_steps", 4, "Training batches per round.")
     flags.DEFINE_integer("batch_size", 8, "Training batch size.")
     flags.DEFINE_integer("rounds", 3, "Alternating float/quantized training "
@@ -540,6 +550,7 @@ def main(argv):
             representative_samples=FLAGS.representative_samples, lr=FLAGS.lr,
             meta_lr=FLAGS.meta_lr, recalibrate_bn=FLAGS.recalibrate_bn,
             seed=FLAGS.seed, images=images,
+            activation_bits=FLAGS.activation_bits or None,
             log=lambda s: print(s, flush=True))
         rows.append(row)
         status = "ok" if not row["errors"] else "; ".join(row["errors"])

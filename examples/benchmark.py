@@ -454,14 +454,15 @@ def summarize(results):
 
 
 def print_table(rows):
-    head = (f"{'task':<8}{'quant':<8}{'bits':>4} {'opt':<5}{'lr':>7} {'method':<15}{'sem':<6}"
+    w = max([15] + [len(r["method"]) + 1 for r in rows])
+    head = (f"{'task':<8}{'quant':<8}{'bits':>4} {'opt':<5}{'lr':>7} {'method':<{w}}{'sem':<6}"
             f"{'runs':>4} {'mean last +- std':>17}{'(var)':>8}{'best':>7}{'ms/step':>9}"
             f"{'x float':>8}{'x STE':>7}{'RSS MiB':>9}  per seed")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['task']:<8}{r['quantizer']:<8}{r['bits']:>4} {r['optimizer']:<5}{r['lr']:>7g} "
-              f"{r['method']:<15}{r['semantics']:<6}{r['runs']:>4} "
+              f"{r['method']:<{w}}{r['semantics']:<6}{r['runs']:>4} "
               f"{r['mean_last']:>9.2f} +- {r['std_seeds']:5.2f} ({r['var_last']:6.2f})"
               f"{r['best']:>7.2f}{r['step_ms']:>9.1f}{r['x_float']:>8.2f}{r['x_ste']:>7.2f}"
               f"{r['peak_rss_mib']:>9.0f}  {r['per_seed']}")

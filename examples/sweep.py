@@ -132,12 +132,14 @@ def best_of_sweep(rows):
 
 def print_best(rows):
     print("\nBest of sweep (per method: the optimizer and lr with the best mean over seeds)")
-    head = (f"{'task':<8}{'quant':<8}{'bits':>4} {'method':<14}{'opt':<6}{'lr':>8}"
+    best = best_of_sweep(rows)
+    w = max([14] + [len(r["method"]) + 1 for r in best])
+    head = (f"{'task':<8}{'quant':<8}{'bits':>4} {'method':<{w}}{'opt':<6}{'lr':>8}"
             f"{'mean last +- std':>19}{'best':>7}{'x STE':>7}  per seed")
     print(head)
     print("-" * len(head))
-    for r in best_of_sweep(rows):
-        print(f"{r['task']:<8}{r['quantizer']:<8}{r['bits']:>4} {r['method']:<14}"
+    for r in best:
+        print(f"{r['task']:<8}{r['quantizer']:<8}{r['bits']:>4} {r['method']:<{w}}"
               f"{r['optimizer']:<6}{r['lr']:>8g}{r['mean_last']:>11.2f} +- {r['std_seeds']:4.2f}"
               f"{r['best']:>7.2f}{r['x_ste']:>7.2f}  {r['per_seed']}")
 
