@@ -156,7 +156,7 @@ def insert_activation_quantizers(model, make_quantizer):
         The new model, sharing `model`'s layers and weights.
     """
     _check_no_hidden_tensors(model)
-    cache, of_concatenation = {}, {}
+    cache, of_concatenation, splits = {}, {}, {}
     concatenated_only, concatenated_by = _concatenation_readers(model)
 
     def concatenation_quantizer(op):
@@ -193,7 +193,9 @@ def insert_activation_quantizers(model, make_quantizer):
     def call(layer, *args, **kwargs):
         args = keras.tree.map_structure(
             lambda t: quantized(t, layer) if isinstance(t, keras.KerasTensor) else t, args)
-        split = _split_activation(layer)
+        if id(layer) not in splits:  # a shared layer is split once
+            splits[id(layer)] = _split_activation(layer)
+        split = splits[id(layer)]
         out = layer(*args, **kwargs)
         return out if split is None else split(quantized(out, split))
 

@@ -223,3 +223,19 @@ def test_fixed_scale_ops_get_their_int8_grid(activation_bits):
     # With the ranges the trained EMA gave these three instead: 98.2-99.2%
     # agreement, probabilities 0.53-0.55 steps apart (3 seeds, 512 inputs).
     assert report["top1_agreement"] == 1.0 and report["max_abs_diff"] <= 1 / 256 + 1e-6
+
+
+def test_shared_layer_keeps_its_activation_on_every_call():
+    inputs = keras.Input((4,))
+    shared = L.Dense(4, activation="tanh", name="shared")
+    outputs = L.Dense(2)(L.Add()([shared(inputs), shared(L.Dense(4)(inputs))]))
+    model = keras.Model(inputs, outputs)
+    q = mqk.quantize_model(model, activation_quantizer="ema", verbose=False)
+    activations = [l for l in q.quantized_model.layers if isinstance(l, L.Activation)]
+    assert [a.name for a in activations] == ["shared_activation"]
+    assert len(activations[0]._inbound_nodes) == 2  # both calls go through it
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    stripped = mqk.strip_model(q)
+    assert [type(l).__name__ for l in stripped.layers].count("Activation") == 1
+    np.testing.assert_allclose(stripped.predict(x, verbose=0), q.predict(x, verbose=0),
+                               atol=1e-6)
