@@ -446,7 +446,7 @@ def summarize(results):
             x_ste=step / ref[(task, "ste")] if ref.get((task, "ste")) else float("nan"),
             peak_rss_mib=max((r.get("peak_rss_mib") or 0) for r in rs)))
     order = ["float", "ste", *sweep.HAND_METHODS, "fc_grad", "multifc", "lstmfc", "gain_mlp",
-             "meta_ewgs"]
+             "meta_ewgs", "meta_ewgs_lr0", "meta_ewgs_prior", "meta_ewgs_prior_lr0"]
     rows.sort(key=lambda r: (r["task"], r["quantizer"], r["bits"], r["optimizer"], r["lr"],
                              order.index(r["method"]) if r["method"] in order else 99,
                              r["semantics"]))
@@ -487,9 +487,11 @@ def _plot_meta_ewgs(plt, runs, out_dir):
             ax.plot(r, 1 + delta * r + gamma * (2 * np.abs(r) - 0.5),
                     label=f"{kernel.split('/')[0]}: d={delta:+.2f} g={gamma:+.2f}")
         ax.axhline(1.0, color="k", ls="--", lw=0.8, label="STE")
-        ax.set(title=f"{run['task']} {run['quantizer']}{run['bits']} {run['optimizer']} "
-                     f"lr={run['lr']:g}", xlabel="residual r = x - x_q (levels), g > 0",
+        ax.set(title=f"{run['method']}: {run['task']} {run['quantizer']}{run['bits']} "
+                     f"{run['optimizer']} lr={run['lr']:g}",
+               xlabel="residual r = x - x_q (levels), g > 0",
                ylabel="factor f (before renorm.)")
+        ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
     return _save(plt, fig, out_dir, "meta_ewgs_function.png")
 
@@ -536,15 +538,16 @@ def plot(results, out_dir, sweep_rows=None):
                title=f"{task} {q}{bits}: best of sweep per method")
         ax.legend(fontsize=7)
         files.append(_save(plt, fig, out_dir, f"best_{task}_{q}{bits}.png"))
+    # Learned MetaEWGS variants (not the frozen "_lr0" controls), seed 0.
     learned = [r for r in results if r.get("meta_parameters") and r.get("seed", 0) == 0
-               and r["method"] == "meta_ewgs"]
-    if sweep_rows:  # the best configuration of each workload only
-        best = {(b["task"], b["bits"], b["optimizer"], b["lr"])
-                for b in sweep.best_of_sweep(sweep_rows) if b["method"] == "meta_ewgs"}
+               and r["method"].startswith("meta_ewgs") and not r["method"].endswith("_lr0")]
+    if sweep_rows:  # each method's best configuration per workload only
+        best = {(b["task"], b["bits"], b["method"], b["optimizer"], b["lr"])
+                for b in sweep.best_of_sweep(sweep_rows)}
         learned = [r for r in learned
-                   if (r["task"], r["bits"], r["optimizer"], r["lr"]) in best]
+                   if (r["task"], r["bits"], r["method"], r["optimizer"], r["lr"]) in best]
     if learned:
-        files.append(_plot_meta_ewgs(plt, learned[:4], out_dir))
+        files.append(_plot_meta_ewgs(plt, learned[:6], out_dir))
     metas = [r for r in results if r.get("meta_function") and r.get("seed", 0) == 0
              and r["task"] == "cifar10" and r["optimizer"] == "sgd"] or \
             [r for r in results if r.get("meta_function") and r.get("seed", 0) == 0][:4]
