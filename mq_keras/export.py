@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from mq_keras import export_checks, int8_graph, integer_bias, tflite_weights
-from mq_keras.tflite_graph import batch_norms_as_depthwise, unroll_recurrent
+from mq_keras.tflite_graph import affine_layers_as_depthwise, unroll_recurrent
 from mq_keras.layers import MetaQuantWrapper
 from mq_keras.models import MetaQuantModel, iter_layers
 from mq_keras.cloning import clone_graph, copy_layer, is_graph_model
@@ -429,7 +429,7 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
         )
     representative = None
     if mode == "int8" and trained:
-        graph = batch_norms_as_depthwise(unroll_recurrent(graph))
+        graph = affine_layers_as_depthwise(unroll_recurrent(graph))
         full = _convert(graph, trained_ranges=True,
                         io_dtype=None if io_dtype == "float32" else io_dtype)
         blob = tflite_weights.regrid_int8_filters(full, _convert(graph))[0]

@@ -59,7 +59,7 @@ class _Folded:
 
     def __init__(self, name, inner, bn):
         # `inner` None: a standalone BatchNormalization, exported as a 1x1
-        # depthwise convolution (`tflite_graph.batch_norms_as_depthwise`).
+        # depthwise convolution (`tflite_graph.affine_layers_as_depthwise`).
         self.name, self.inner, self.bn = name, inner, bn
         bias = getattr(inner, "bias", None) if getattr(inner, "use_bias", False) else None
         self.bias = bias

@@ -10,15 +10,16 @@ step and kernel, all builtin, and the kernels stay constants that
 `tflite_weights` stores as exact codes. The cost is a graph that grows with
 the sequence length (the weights are shared, so the file does not).
 
-Standalone BatchNormalization (after an add or a concatenation, where no
-kernel layer absorbs it): the converter writes it as a MUL and an ADD, and
-the tensor between them has no trained range, so a full-integer file
-cannot hold it. In inference it is the per-channel affine map
-`y = x * a + b` with `a = gamma / sqrt(var + eps)`, `b = beta - mean * a`,
-which is exactly a 1x1 depthwise convolution with kernel `a` and bias `b`:
-one int8 DEPTHWISE_CONV_2D whose per-channel filter scale `|a| / 127` holds
-`a` exactly (code +-127), with the input and output ranges the activation
-quantizers around the BatchNormalization trained.
+Per-channel affine layers: a standalone BatchNormalization (after an add or
+a concatenation, where no kernel layer absorbs it), a Rescaling with an
+offset and a Normalization (keras.applications' input preprocessing) are
+written by the converter as a MUL and an ADD (or SUB), and the tensor
+between them has no trained range, so a full-integer file cannot hold
+them. In inference each is `y = x * a + b` per channel, exactly a 1x1
+depthwise convolution with kernel `a` and bias `b`: one int8
+DEPTHWISE_CONV_2D whose per-channel filter scale `|a| / 127` holds `a`
+exactly (code +-127), between the ranges the activation quantizers around
+the layer trained.
 """
 
 import keras
@@ -90,45 +91,78 @@ def unroll_recurrent(model):
 _DEPTHWISE = {3: keras.layers.DepthwiseConv1D, 4: keras.layers.DepthwiseConv2D}
 
 
-def _as_depthwise(bn):
-    """A 1x1 depthwise convolution computing `bn` in inference mode."""
-    shape = bn.input.shape
-    layer = _DEPTHWISE[len(shape)](kernel_size=1, use_bias=True, name=bn.name,
-                                   dtype=bn.dtype_policy)
-    layer.build(shape)
-    channels = int(shape[-1])
-    gamma = np.asarray(bn.gamma, np.float64) if bn.scale else np.ones(channels)
-    beta = np.asarray(bn.beta, np.float64) if bn.center else np.zeros(channels)
-    a = gamma / np.sqrt(np.asarray(bn.moving_variance, np.float64) + bn.epsilon)
-    b = beta - np.asarray(bn.moving_mean, np.float64) * a
-    kernel = layer.kernel
-    layer.set_weights([a.reshape(kernel.shape).astype(kernel.dtype), b.astype(kernel.dtype)])
-    return layer
+def _per_channel(value, channels):
+    """`value` (a scalar or one value per channel) as `channels` floats, else None."""
+    v = np.asarray(value, np.float64)
+    if v.size == 1:
+        return np.full(channels, float(v.reshape(())))
+    if v.size == channels and v.shape[-1] == channels:
+        return v.reshape(channels)
+    return None
 
 
-def batch_norms_as_depthwise(model):
-    """`model` with each standalone 1-D/2-D BatchNormalization as a 1x1 depthwise conv.
+def _affine(layer):
+    """`(a, b)` when `layer` computes `x * a + b` per channel (last axis) in
+    inference and the converter would write it as two float-range ops; else None."""
+    try:
+        shape = layer.input.shape
+    except (AttributeError, ValueError):  # called on several tensors, or never
+        return None
+    if len(shape) not in _DEPTHWISE:
+        return None
+    c = int(shape[-1])
+    if is_standalone_batch_norm(layer):
+        gamma = np.asarray(layer.gamma, np.float64) if layer.scale else np.ones(c)
+        beta = np.asarray(layer.beta, np.float64) if layer.center else np.zeros(c)
+        a = gamma / np.sqrt(np.asarray(layer.moving_variance, np.float64) + layer.epsilon)
+        return a, beta - np.asarray(layer.moving_mean, np.float64) * a
+    if isinstance(layer, keras.layers.Rescaling) and np.any(np.asarray(layer.offset) != 0):
+        a, b = _per_channel(layer.scale, c), _per_channel(layer.offset, c)
+        return None if a is None or b is None else (a, b)
+    if isinstance(layer, keras.layers.Normalization) and tuple(
+            ax % len(shape) for ax in layer.axis) == (len(shape) - 1,):
+        mean = _per_channel(layer.mean, c)
+        std = _per_channel(np.maximum(np.sqrt(np.asarray(layer.variance, np.float64)),
+                                      keras.backend.epsilon()), c)
+        if mean is None or std is None:
+            return None
+        return (std, mean) if layer.invert else (1.0 / std, -mean / std)
+    return None
+
+
+def _as_depthwise(layer, a, b):
+    """A 1x1 depthwise convolution computing `x * a + b`, named like `layer`."""
+    shape = layer.input.shape
+    conv = _DEPTHWISE[len(shape)](kernel_size=1, use_bias=True, name=layer.name,
+                                  dtype=layer.dtype_policy)
+    conv.build(shape)
+    kernel = conv.kernel
+    conv.set_weights([a.reshape(kernel.shape).astype(kernel.dtype), b.astype(kernel.dtype)])
+    return conv
+
+
+def affine_layers_as_depthwise(model):
+    """`model` with each per-channel affine layer (`_affine`) as a 1x1 depthwise conv.
 
     Args:
         model: a built Functional/Sequential model without wrappers.
 
     Returns:
         A clone computing the same inference function (to float rounding)
-        in which no BatchNormalization is left that the converter would
-        write as MUL + ADD, or `model` when it has none.
+        with no standalone BatchNormalization, offset Rescaling or
+        Normalization on a 1-D/2-D feature map left, or `model` when it has
+        none.
     """
-    def rewritten(layer):
-        return is_standalone_batch_norm(layer) and len(layer.input.shape) in _DEPTHWISE
-
-    if not any(rewritten(l) for l in model.layers):
+    if not any(_affine(l) is not None for l in model.layers):
         return model
-    swapped = {}
+    swapped = set()
 
     def make_layer(layer):
-        if rewritten(layer):
-            swapped[id(layer)] = True
-            return _as_depthwise(layer)
-        return copy_layer(layer)
+        affine = _affine(layer)
+        if affine is None:
+            return copy_layer(layer)
+        swapped.add(id(layer))
+        return _as_depthwise(layer, *affine)
 
     clone, pairs = clone_graph(model, make_layer)
     for old, new in pairs:

@@ -19,7 +19,7 @@ import tensorflow as tf
 import mq_keras as mqk
 from mq_keras import integer_bias
 from mq_keras.export import run_tflite, tflite_ops
-from mq_keras.tflite_graph import batch_norms_as_depthwise
+from mq_keras.tflite_graph import affine_layers_as_depthwise
 
 L = keras.layers
 
@@ -109,14 +109,14 @@ def test_standalone_batch_norm_is_exported_as_depthwise_and_agrees(tmp_path):
     assert again["unmatched"] == [] and again["max_shift_steps"] < 1e-4
 
 
-def test_batch_norms_as_depthwise_computes_the_same_function():
+def test_affine_layers_as_depthwise_computes_the_same_function():
     model = _pre_activation()
     rng = np.random.default_rng(1)
     for bn in (l for l in model.layers if isinstance(l, L.BatchNormalization)):
         c = bn.gamma.shape[0]
         bn.set_weights([rng.uniform(0.5, 2, c), rng.normal(size=c), rng.normal(size=c),
                         rng.uniform(0.2, 3, c)])
-    rewritten = batch_norms_as_depthwise(model)
+    rewritten = affine_layers_as_depthwise(model)
     kinds = {l.name: type(l).__name__ for l in rewritten.layers}
     assert kinds["bn_input"] == kinds["bn_add"] == kinds["bn_concat"] == "DepthwiseConv2D"
     assert kinds["bn_folded"] == "BatchNormalization"  # the converter folds it into the conv
@@ -124,7 +124,43 @@ def test_batch_norms_as_depthwise_computes_the_same_function():
     np.testing.assert_allclose(rewritten.predict(x, verbose=0), model.predict(x, verbose=0),
                                rtol=1e-4, atol=1e-5)
     plain = keras.Sequential([keras.Input((4,)), L.Dense(2)])
-    assert batch_norms_as_depthwise(plain) is plain
+    assert affine_layers_as_depthwise(plain) is plain
+
+
+def _preprocessing(invert=False):
+    """keras.applications' input preprocessing: offset Rescaling, Normalization."""
+    inputs = keras.Input((8, 8, 3))
+    x = L.Rescaling([1 / 127.5, 1 / 100.0, 1 / 80.0], offset=-1.0, name="rescale")(inputs)
+    x = L.Rescaling(0.5, name="scale_only")(x)  # one MUL: int8 as it is
+    x = L.Normalization(axis=-1, mean=[0.1, -0.2, 0.3], variance=[0.5, 2.0, 1.5],
+                        invert=invert, name="norm")(x)
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(4, 3)(x)))
+    return keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x)))
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_preprocessing_layers_as_depthwise_compute_the_same_function(invert):
+    model = _preprocessing(invert)
+    rewritten = affine_layers_as_depthwise(model)
+    kinds = {l.name: type(l).__name__ for l in rewritten.layers}
+    assert kinds["rescale"] == kinds["norm"] == "DepthwiseConv2D"
+    assert kinds["scale_only"] == "Rescaling"
+    x = np.random.default_rng(2).uniform(0, 255, size=(4, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(rewritten.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_preprocessing_layers_export_all_integer():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, size=(64, 8, 8, 3)).astype("float32")
+    q = mqk.quantize_model(_preprocessing(), kernel_quantizer="uniform", num_bits=4,
+                           meta_network="gain_mlp", activation_quantizer="ema", verbose=False)
+    q.compile(optimizer=keras.optimizers.Adam(1e-3), meta_optimizer=mqk.PaperAdam(1e-3),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(x, rng.integers(0, 3, 64), batch_size=16, epochs=1, verbose=0)
+    blob = mqk.convert_to_tflite(q, mode="int8")  # refused if a SUB/ADD stayed float
+    assert mqk.verify_tflite(q, blob, x)["top1_agreement"] == 1.0
 
 
 def _attention():
