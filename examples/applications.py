@@ -273,7 +273,7 @@ def run_family(name, *, quantizer="dorefa", num_bits=4, train_steps=4,
         lr, meta_lr: base (SGD) and meta (PaperAdam) learning rates.
         recalibrate_bn: after training, set the BatchNormalization moving
             statistics to those of the representative images
-            (`recalibrate_batchnorm`).
+            (`recalibrate_batchnorm`); never with `activation_bits`.
         modes: TFLite modes to export and verify ("float", "weights",
             "int8"); the size ratio needs "float" and "weights".
         data: "auto", "cifar10" or "random" (ignored when `images` is given).
@@ -376,7 +376,11 @@ def run_family(name, *, quantizer="dorefa", num_bits=4, train_steps=4,
         if not all(np.isfinite(v) for v in losses.values()):
             raise FloatingPointError(f"non-finite training loss {losses}")
     stage("train", train)
-    if recalibrate_bn:
+    # With activation quantizers the ranges were trained under the training
+    # statistics; new BatchNorm statistics would move every activation
+    # against its range (and such chaotic untrained nets then amplify float
+    # round-off between Keras and TFLite into different classes).
+    if recalibrate_bn and not activation_bits:
         stage("bn stats", lambda: row.__setitem__(
             "batchnorm_recalibrated", recalibrate_batchnorm(qmodel, x_rep)))
 
