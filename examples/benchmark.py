@@ -20,9 +20,9 @@ Profiles:
             bit), MultiFC, MetaEWGS (from the STE, and from EWGS' delta kept
             >= 0: "meta_ewgs_prior") and their frozen controls, SGD+momentum
             at 4 and Adam at 3 learning rates; CIFAR-10 ResNet20 from the FP
-            weights, DoReFa 1 and 2 bits, 150 steps, STE, EWGS and
-            meta_ewgs_prior (and at 1 bit its frozen control) at Adam's 3
-            rates; `--seeds` seeds. `--merge` pools the results of several
+            weights, DoReFa 1, 2 and 4 bits, 150 steps, STE and
+            meta_ewgs_prior (EWGS too at 1 and 2 bits, the frozen control
+            at 1) at Adam's 3 rates; `--seeds` seeds. `--merge` pools the results of several
             invocations (e.g. one per task, run side by side).
     full    the paper's Table 1 for a GPU: ResNet20, 100 epochs, lr x0.1 every
             30 epochs, DoReFa and BWN, SGD and Adam, STE / FC-Grad / MultiFC /

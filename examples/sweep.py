@@ -38,10 +38,11 @@ META_LR = {"meta_ewgs": 1e-2, "meta_ewgs_lr0": 0.0,
 # sweep is Adam's three rates (Adam led SGD for every method at this budget
 # in the quick profile: STE 75.5% vs 65.0% at its best SGD rate) and the
 # methods are the STE, EWGS and our learned estimator at 1 and 2 bits, with
-# the learned estimator's frozen control at 1 bit.
+# the learned estimator's frozen control at 1 bit, and the STE and ours at 4.
 MEDIUM_CIFAR_SWEEP = {"adam": (3e-4, 1e-3, 3e-3)}
 MEDIUM_CIFAR_METHODS = {1: ("ste", "ewgs", "meta_ewgs_prior", "meta_ewgs_prior_lr0"),
-                        2: ("ste", "ewgs", "meta_ewgs_prior")}
+                        2: ("ste", "ewgs", "meta_ewgs_prior"),
+                        4: ("ste", "meta_ewgs_prior")}
 
 
 def meta_ewgs_options(method, quantizer, bits):

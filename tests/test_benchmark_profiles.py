@@ -67,12 +67,13 @@ def test_medium_profile_gives_every_method_the_same_sweep():
         assert r["quantizer"] == "dorefa"
         grids.setdefault((r["task"], r["bits"]), {}).setdefault(r["method"], set()).add(
             (r["optimizer"], r["lr"], r["seed"]))
-    assert set(grids) == {("mnist", 1), ("mnist", 2), ("cifar10", 1), ("cifar10", 2)}
+    assert set(grids) == {("mnist", 1), ("mnist", 2), ("cifar10", 1), ("cifar10", 2),
+                          ("cifar10", 4)}
     assert set(grids["mnist", 1]) == set(sweep.MEDIUM_METHODS)
     assert set(grids["mnist", 2]) == set(sweep.MEDIUM_METHODS) - {"approx_sign"}
-    for bits in (1, 2):
+    for bits in (1, 2, 4):
         assert set(grids["cifar10", bits]) == set(sweep.MEDIUM_CIFAR_METHODS[bits])
-        assert {"ste", "ewgs", "meta_ewgs_prior"} <= set(grids["cifar10", bits])
+        assert {"ste", "meta_ewgs_prior"} <= set(grids["cifar10", bits])
     for m in ("meta_ewgs_lr0", "meta_ewgs_prior_lr0"):
         assert {r["meta_lr"] for r in medium if r["method"] == m} == {0.0}
     sizes = {"mnist": (4 + 3) * 3, "cifar10": 3 * 3}  # lrs x 3 seeds
