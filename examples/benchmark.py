@@ -492,7 +492,12 @@ def _plot_meta_ewgs(plt, runs, out_dir):
                xlabel="residual r = x - x_q (levels), g > 0",
                ylabel="factor f (before renorm.)")
         ax.title.set_fontsize(8)
-        ax.legend(fontsize=6)
+        if len(p["kernels"]) <= 6:
+            ax.legend(fontsize=6)
+        else:  # a legend of ResNet20's 22 kernels would hide the lines
+            ax.text(0.02, 0.98, f"{len(p['kernels'])} kernels: d {min(p['delta']):+.2f}.."
+                    f"{max(p['delta']):+.2f}, g {min(p['gamma']):+.2f}..{max(p['gamma']):+.2f}",
+                    transform=ax.transAxes, va="top", fontsize=6)
     return _save(plt, fig, out_dir, "meta_ewgs_function.png")
 
 
