@@ -74,6 +74,8 @@ flags.DEFINE_string("run_one", None, "Internal: run one JSON spec and print its 
 flags.DEFINE_bool("tfmot", True, "Include TFMOT's QAT when .venv-tfmot exists.")
 flags.DEFINE_list("tasks", None, "Run only these tasks (cifar10, mnist); default all.")
 flags.DEFINE_list("bits", None, "Run only these weight bit widths (e.g. 1,2); default all.")
+flags.DEFINE_list("activation_quantizers", None, "Run only the runs with quantized "
+                  "activations of these kinds (ema, pact, lsq); default all runs.")
 flags.DEFINE_list("methods", None, "Run only these methods (e.g. float,ste,multifc); default all.")
 flags.DEFINE_list("merge", None, "Train nothing: pool the results.json files (or the "
                   "directories holding them) of earlier invocations of this --profile "
@@ -105,7 +107,8 @@ def profile_runs(profile, seeds=3):
     if profile == "peer":
         # Like for like with TFMOT's QAT (w8a8 default, w4a8 and w2a8 n-bit):
         # symmetric per-channel weights ("uniform", as TFMOT's) and 8-bit
-        # activations with moving min/max ranges, as TFMOT's.
+        # activations with moving min/max ranges, as TFMOT's; and the STE
+        # with LSQ's trained step on the activations instead.
         mn = dict(steps=300, eval_every=50, batch_size=64, train_limit=10000,
                   test_limit=5000, last_k=3, pretrain_steps=157)
         for seed in range(seeds):
@@ -113,6 +116,9 @@ def profile_runs(profile, seeds=3):
                 for m in ("ste", "gain_mlp"):
                     runs.append(_run("mnist", m, quantizer="uniform", bits=bits, lr=0.05,
                                      seed=seed, activation_bits=8, **mn))
+                runs.append(_run("mnist", "ste", quantizer="uniform", bits=bits, lr=0.05,
+                                 seed=seed, activation_bits=8, activation_quantizer="lsq",
+                                 **mn))
         return runs
     if profile == "medium":
         return sweep.medium_runs(
@@ -272,7 +278,8 @@ def _quantized(spec, model, train, loss):
     act = spec.get("activation_bits")
     common = dict(kernel_quantizer=spec["quantizer"], num_bits=spec["bits"],
                   semantics=spec["semantics"], verbose=False,
-                  activation_quantizer="ema" if act else None, activation_bits=act)
+                  activation_quantizer=spec.get("activation_quantizer", "ema") if act else None,
+                  activation_bits=act)
     if method == "ste":
         return mq_keras.quantize_model(model, estimator="ste", **common)
     if method in sweep.HAND_METHODS:
@@ -401,6 +408,8 @@ def tfmot_runs(profile, out_dir, seeds=3):
 
 def _group_key(r):
     method = r["method"] + (f" a{r['activation_bits']}" if r.get("activation_bits") else "")
+    if r.get("activation_quantizer", "ema") != "ema":
+        method += f" {r['activation_quantizer']}"
     return (r["task"], r["quantizer"], r["bits"], r["optimizer"], r["lr"], method,
             r["semantics"])
 
@@ -607,6 +616,9 @@ def main(argv):
         runs = [r for r in runs if r["method"] in FLAGS.methods]
     if FLAGS.bits:
         runs = [r for r in runs if str(r["bits"]) in FLAGS.bits]
+    if FLAGS.activation_quantizers:
+        runs = [r for r in runs if r.get("activation_bits")
+                and r.get("activation_quantizer", "ema") in FLAGS.activation_quantizers]
     if FLAGS.max_runs:
         runs = runs[:FLAGS.max_runs]
     print(f"profile {FLAGS.profile}: {len(runs)} runs -> {out_dir}")
@@ -632,7 +644,7 @@ def main(argv):
 def _spec_key(run):
     return (run["task"], run["quantizer"], run["bits"], run["optimizer"], run["lr"],
             run["method"], run["semantics"], run["seed"], run.get("activation_bits"),
-            run.get("meta_lr"), run["steps"])
+            run.get("activation_quantizer"), run.get("meta_lr"), run["steps"])
 
 
 def merge(paths, profile):

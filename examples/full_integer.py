@@ -1,7 +1,7 @@
 """Full-integer TFLite from trained activation ranges: accuracy and Keras agreement.
 
 Trains a model with quantized weights (MetaQuant, `--num_bits`) and 8-bit
-fake-quantized activations (`activation_quantizer="ema"`), exports the
+fake-quantized activations (`--activation_quantizer`, default "ema"), exports the
 full-integer file with no representative dataset (the ranges are the trained
 ones) and reports, per seed: Keras test accuracy, TFLite int8 accuracy, top-1
 agreement, the largest logit difference in output quantization steps, file
@@ -47,6 +47,8 @@ flags.DEFINE_enum("quantizer", "dorefa", ["dorefa", "uniform"],
 flags.DEFINE_string("meta_network", "multifc", "Meta network (multifc pairs with DoReFa; "
                     "gain_mlp with uniform).")
 flags.DEFINE_integer("activation_bits", 8, "Activation bits.")
+flags.DEFINE_enum("activation_quantizer", "ema", ["ema", "pact", "lsq"],
+                  "Activation ranges: moving min/max, PACT's trained bounds or LSQ's step.")
 flags.DEFINE_integer("steps", 300, "Training steps per run.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "SGD (momentum 0.9) or Adam.")
@@ -110,7 +112,8 @@ def _quantized(model, *, activations):
 
     q = mq_keras.quantize_model(model, num_bits=FLAGS.num_bits, verbose=False,
                                 kernel_quantizer=FLAGS.quantizer, meta_network=FLAGS.meta_network,
-                                activation_quantizer="ema" if activations else None,
+                                activation_quantizer=(FLAGS.activation_quantizer
+                                                      if activations else None),
                                 activation_bits=FLAGS.activation_bits if activations else None)
     optimizer = (keras.optimizers.Adam(FLAGS.lr) if FLAGS.optimizer == "adam"
                  else keras.optimizers.SGD(FLAGS.lr, momentum=0.9))
@@ -152,7 +155,8 @@ def run_seed(seed):
     report = mq_keras.verify_tflite(fq, blob, xt, yt)
     out_layer = [l for l in fq.quantized_model.layers
                  if isinstance(l, mq_keras.ActivationQuantizer)][-1]
-    step = (float(out_layer.hi) - float(out_layer.lo)) / (2**FLAGS.activation_bits - 1)
+    lo, hi = (float(v) for v in out_layer.quantization_range())
+    step = (hi - lo) / (2**FLAGS.activation_bits - 1)
     return dict(seed=seed, float_model_accuracy=float_accuracy,
                 keras_accuracy=report["keras_accuracy"],
                 tflite_accuracy=report["tflite_accuracy"],
@@ -169,7 +173,8 @@ def main(argv):
     results = [run_seed(s) for s in range(FLAGS.seeds)]
     import numpy as np
 
-    print(f"{FLAGS.model}: {FLAGS.quantizer} w{FLAGS.num_bits}a{FLAGS.activation_bits}, "
+    print(f"{FLAGS.model}: {FLAGS.quantizer} w{FLAGS.num_bits}a{FLAGS.activation_bits} "
+          f"({FLAGS.activation_quantizer}), "
           f"{FLAGS.meta_network}, {FLAGS.steps} steps, "
           f"{FLAGS.seeds} seeds, {FLAGS.optimizer} lr {FLAGS.lr} (mean +- std, then per seed)")
     for key in ("float_model_accuracy", "keras_accuracy", "tflite_accuracy", "float_activation_accuracy",

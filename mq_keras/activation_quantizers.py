@@ -16,7 +16,8 @@ range). With `range_mode="pact"` the bounds are trainable and
 `dL/dhi = sum(dL/dy * 1[x > hi])`, `dL/dlo = sum(dL/dy * 1[x < lo])`: the
 clipping-level gradient of PACT (Choi et al., 2018, "PACT: Parameterized
 Clipping Activation for Quantized Neural Networks"), as TF's gradient of
-the op computes it.
+the op computes it. With `range_mode="lsq"` the range is `[-Q_N s, Q_P s]`
+with a trained step `s` and LSQ's step gradient (`mq_keras.lsq`).
 
 Range modes:
     "ema" (default, TFMOT's scheme): `lo`, `hi` are exponential moving
@@ -24,6 +25,11 @@ Range modes:
         extended to include 0; the first batch sets them.
     "pact": `lo`, `hi` are trained by the base optimizer from
         `init_range`, with the gradient above.
+    "lsq": a trained step `s` (Esser et al., 2020, "Learned Step Size
+        Quantization") on an unsigned grid `[0, (2^k - 1) s]`, or a signed
+        one `[-2^(k-1) s, (2^(k-1) - 1) s]`; the first training batch sets
+        the sign (its minimum < 0) and `s = 2 mean|x| / sqrt(Q_P)`, the
+        paper's start.
     "fixed": `lo`, `hi` stay `init_range`. `quantize_model` puts one after
         each op whose int8 kernel has a fixed output scale (sigmoid and
         softmax: [0, 255/256], scale 1/256; tanh: [-1, 127/128], scale
@@ -35,8 +41,10 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from mq_keras import lsq
+
 _PACKAGE = "mq_keras"
-RANGE_MODES = ("ema", "pact")  # what quantize_model(activation_quantizer=) takes
+RANGE_MODES = ("ema", "pact", "lsq")  # what quantize_model(activation_quantizer=) takes
 _ALL_MODES = RANGE_MODES + ("fixed",)
 ALLOWED_BITS = tuple(range(2, 9))
 
@@ -65,11 +73,11 @@ class ActivationQuantizer(keras.layers.Layer):
 
     Args:
         num_bits: 2 to 8.
-        range_mode: "ema" (moving min/max), "pact" (trainable bounds) or
-            "fixed" (`init_range`, never moves).
+        range_mode: "ema" (moving min/max), "pact" (trainable bounds),
+            "lsq" (a trainable step) or "fixed" (`init_range`, never moves).
         ema_decay: decay of the moving averages ("ema").
-        init_range: `(lo, hi)` before training ("pact"; "ema" starts from
-            the first batch), or for good ("fixed").
+        init_range: `(lo, hi)` before training ("pact"; "ema" and "lsq"
+            start from the first batch), or for good ("fixed").
     """
 
     def __init__(self, *, num_bits=8, range_mode="ema", ema_decay=0.999,
@@ -82,16 +90,49 @@ class ActivationQuantizer(keras.layers.Layer):
         self.init_range = tuple(float(v) for v in init_range)
 
     def build(self, input_shape=None):
-        trainable = self.range_mode == "pact"
         lo, hi = self.init_range
-        self.lo = self.add_weight(name="lo", shape=(), trainable=trainable, dtype="float32",
-                                  initializer=keras.initializers.Constant(lo))
-        self.hi = self.add_weight(name="hi", shape=(), trainable=trainable, dtype="float32",
-                                  initializer=keras.initializers.Constant(hi))
-        # "ema": 0 until the first training batch has set the range.
+        if self.range_mode == "lsq":
+            self.step = self.add_weight(
+                name="step", shape=(), trainable=True, dtype="float32",
+                initializer=keras.initializers.Constant((hi - lo) / (2**self.num_bits - 1)))
+            # 1.0: a signed grid (set by the first training batch).
+            self.negative = self.add_weight(
+                name="negative", shape=(), trainable=False, dtype="float32",
+                initializer=keras.initializers.Constant(float(lo < 0.0)))
+        else:
+            trainable = self.range_mode == "pact"
+            self.lo = self.add_weight(name="lo", shape=(), trainable=trainable, dtype="float32",
+                                      initializer=keras.initializers.Constant(lo))
+            self.hi = self.add_weight(name="hi", shape=(), trainable=trainable, dtype="float32",
+                                      initializer=keras.initializers.Constant(hi))
+        # "ema", "lsq": 0 until the first training batch has set the range.
         self.seen = self.add_weight(name="seen", shape=(), trainable=False, dtype="float32",
                                     initializer="zeros")
         self.built = True
+
+    def _lsq_grid(self):
+        """`(s, Q_N, Q_P)` of "lsq" (`s` kept > 0 whatever the optimizer did)."""
+        s = ops.maximum(ops.convert_to_tensor(self.step), 1e-8)
+        q_neg = ops.convert_to_tensor(self.negative) * 2.0 ** (self.num_bits - 1)
+        return s, q_neg, (2.0**self.num_bits - 1.0) - q_neg
+
+    def quantization_range(self):
+        """`(lo, hi)`: the float range the file's scale and zero point come from."""
+        if self.range_mode == "lsq":
+            s, q_neg, q_pos = self._lsq_grid()
+            return -q_neg * s, q_pos * s
+        return ops.convert_to_tensor(self.lo), ops.convert_to_tensor(self.hi)
+
+    def _init_step(self, x):
+        x = ops.stop_gradient(ops.cast(x, "float32"))
+        first = self.seen < 0.5
+        negative = ops.cast(ops.min(x) < 0.0, "float32")
+        q_pos = (2.0**self.num_bits - 1.0) - negative * 2.0 ** (self.num_bits - 1)
+        step = 2.0 * ops.mean(ops.abs(x)) / ops.sqrt(q_pos)
+        step = ops.where(step > 0.0, step, self.step)  # an all-zero batch keeps init_range's
+        self.negative.assign(ops.where(first, negative, self.negative))
+        self.step.assign(ops.where(first, step, self.step))
+        self.seen.assign(1.0)
 
     def _track(self, x):
         x = ops.stop_gradient(ops.cast(x, "float32"))
@@ -108,10 +149,16 @@ class ActivationQuantizer(keras.layers.Layer):
         # concatenation whose output it quantizes) that reads the range only.
         if training and self.range_mode == "ema" and track_range:
             self._track(inputs)
+        if training and self.range_mode == "lsq" and track_range:
+            self._init_step(inputs)
         x = ops.cast(inputs, "float32")
-        y = tf.quantization.fake_quant_with_min_max_vars(
-            x, ops.convert_to_tensor(self.lo), ops.convert_to_tensor(self.hi),
-            num_bits=self.num_bits, narrow_range=False)
+        if training and self.range_mode == "lsq":
+            s, q_neg, q_pos = self._lsq_grid()
+            y = lsq.lsq_fake_quant(x, s, q_neg, q_pos, num_bits=self.num_bits)
+        else:  # the op (and range) the converter reads
+            lo, hi = self.quantization_range()
+            y = tf.quantization.fake_quant_with_min_max_vars(
+                x, lo, hi, num_bits=self.num_bits, narrow_range=False)
         return ops.cast(y, inputs.dtype)
 
     def compute_output_shape(self, input_shape):

@@ -19,8 +19,8 @@ def _activation_factory(kind, num_bits):
     if kind is None:
         if num_bits is not None:
             raise ValueError(
-                f"activation_bits={num_bits!r} needs activation_quantizer='ema' or "
-                "'pact'; activations stay float without one."
+                f"activation_bits={num_bits!r} needs activation_quantizer='ema', "
+                "'pact' or 'lsq'; activations stay float without one."
             )
         return None
     bits = 8 if num_bits is None else num_bits
@@ -136,8 +136,8 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
             None (leave float). E.g. `{"conv1": 8, "logits": 8}` with
             `num_bits=2`.
         activation_quantizer: None (float activations, default), "ema"
-            (moving min/max ranges, TFMOT's scheme) or "pact" (trained
-            clipping bounds): fake-quantize every tensor TFLite's integer
+            (moving min/max ranges, TFMOT's scheme), "pact" (trained
+            clipping bounds) or "lsq" (a trained step, LSQ): fake-quantize every tensor TFLite's integer
             kernels quantize (`mq_keras.activation_graph`), so
             `convert_to_tflite(mode="int8")` uses the trained ranges.
         activation_bits: 2 to 8 (default 8) with `activation_quantizer`.

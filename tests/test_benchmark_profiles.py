@@ -102,6 +102,13 @@ def test_peer_profile_is_like_for_like_with_tfmot():
         ("uniform", 8, 8), ("uniform", 4, 8), ("uniform", 2, 8)}
     assert {r["seed"] for r in peer} == {0, 1, 2} and {r["method"] for r in peer} >= {"ste"}
     assert benchmark._group_key(peer[0])[5] == "ste a8"
+    # LSQ's activations get rows of their own, beside the same runs with EMA ranges.
+    lsq = [r for r in peer if r.get("activation_quantizer") == "lsq"]
+    assert {(r["method"], r["bits"], r["seed"]) for r in lsq} == {
+        ("ste", b, s) for b in (8, 4, 2) for s in range(3)}
+    assert benchmark._group_key(lsq[0])[5] == "ste a8 lsq"
+    assert benchmark._spec_key(lsq[0]) != benchmark._spec_key(
+        {**lsq[0], "activation_quantizer": None})
 
 
 def test_best_of_sweep_picks_each_methods_best_configuration():
