@@ -231,7 +231,7 @@ _TWO_OPS = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 # or with no integer kernel at all (CONV_3D is float only).
 _NOT_INTEGER = tuple(getattr(keras.layers, name) for name in (
     "MultiHeadAttention", "GroupQueryAttention", "Attention", "AdditiveAttention",
-    "LayerNormalization", "GroupNormalization", "UnitNormalization", "RNN",
+    "LayerNormalization", "GroupNormalization", "UnitNormalization", "RMSNormalization", "RNN",
     "Bidirectional", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D", "Conv3D",
     "Conv3DTranspose") if hasattr(keras.layers, name))
 

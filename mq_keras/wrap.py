@@ -137,9 +137,10 @@ def quantize_model(model, *, kernel_quantizer="dorefa", num_bits=None,
             `num_bits=2`.
         activation_quantizer: None (float activations, default), "ema"
             (moving min/max ranges, TFMOT's scheme), "pact" (trained
-            clipping bounds) or "lsq" (a trained step, LSQ): fake-quantize every tensor TFLite's integer
-            kernels quantize (`mq_keras.activation_graph`), so
-            `convert_to_tflite(mode="int8")` uses the trained ranges.
+            clipping bounds) or "lsq" (a trained step, LSQ): fake-quantize
+            every tensor TFLite's integer kernels quantize
+            (`mq_keras.activation_graph`), so `convert_to_tflite(mode="int8")`
+            uses the trained ranges.
         activation_bits: 2 to 8 (default 8) with `activation_quantizer`.
         reset_meta_state: LSTMFC only: zero (h, c) every step.
         quantizer_options: extra quantizer options, e.g.

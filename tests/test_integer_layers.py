@@ -175,6 +175,12 @@ def _layer_norm():
     return keras.Model(inputs, L.Dense(3)(L.Flatten()(x)))
 
 
+def _rms_norm():  # a transformer's normalization (Keras 3.9+)
+    inputs = keras.Input((6, 8))
+    x = L.RMSNormalization(name="rms")(L.Dense(8)(inputs))
+    return keras.Model(inputs, L.Dense(3)(L.Flatten()(x)))
+
+
 def _lstm():
     inputs = keras.Input((5, 4))
     return keras.Model(inputs, L.Dense(3)(L.LSTM(6, name="lstm")(inputs)))
@@ -187,6 +193,7 @@ def _conv3d():
 
 @pytest.mark.parametrize("make, name", [(_attention, "mha (MultiHeadAttention)"),
                                         (_layer_norm, "ln (LayerNormalization)"),
+                                        (_rms_norm, "rms (RMSNormalization)"),
                                         (_lstm, "lstm (LSTM)"), (_conv3d, "c3 (Conv3D)")])
 def test_layers_without_integer_kernels_are_refused_before_training(make, name):
     with pytest.raises(ValueError, match=rf"\['{re.escape(name)}'\] cannot run all-integer"
