@@ -20,6 +20,8 @@ Models:
 Run:
     python examples/full_integer.py --model=mnist --seeds=3
     python examples/full_integer.py --model=resnet20 --steps=300 --optimizer=adam --lr=1e-3
+    python examples/full_integer.py --model=resnet20 --num_bits=4 --steps=300 \
+        --optimizer=adam --lr=1e-3 --tfmot        # TFMOT's file beside ours
     python examples/full_integer.py --model=mobilenetv2 --quantizer=uniform \
         --meta_network=gain_mlp --num_bits=4 --optimizer=adam --lr=1e-3
 """
@@ -58,6 +60,10 @@ flags.DEFINE_integer("test_limit", 10000, "Test images.")
 flags.DEFINE_integer("float_steps", None, "Float training steps (Adam 1e-3, batch 64) "
                      "before quantization; default 1500 for mobilenetv2, 0 otherwise "
                      "(mnist trains one float epoch, resnet20 loads the paper's weights).")
+flags.DEFINE_bool("tfmot", False, "Also train TFMOT's QAT (default 8-bit scheme at "
+                  "--num_bits=8, else its n-bit scheme) from the same float weights with the "
+                  "same steps, batch, optimizer and rate, export its full-integer file and "
+                  "report its agreement too (needs examples/tfmot_setup.sh; mnist, resnet20).")
 flags.DEFINE_string("output_json", None, "Write the results here.")
 
 
@@ -134,6 +140,29 @@ def _steps(q, x, y, rng, steps):
     return times
 
 
+def _tfmot(model, seed):
+    """TFMOT's QAT of the same float model and budget: its file's agreement."""
+    import tempfile
+
+    import tfmot_runner
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init = os.path.join(tmp, "init.npz")
+        tfmot_runner.save_init_weights(model, init)
+        r = tfmot_runner.run_tfmot(
+            model="small_cnn" if FLAGS.model == "mnist" else "resnet20",
+            scheme="default8" if FLAGS.num_bits == 8 else "nbit", num_bits=FLAGS.num_bits,
+            activation_bits=FLAGS.activation_bits, epochs=1, steps_per_epoch=FLAGS.steps,
+            batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, lr=FLAGS.lr,
+            momentum=0.9 if FLAGS.optimizer == "sgd" else None, train_limit=20000,
+            test_limit=FLAGS.test_limit, no_augment=True, seed=seed, init_weights=init,
+            export_tflite=os.path.join(tmp, "tfmot.tflite"), verbose=0)
+    t = r["tflite"]
+    return dict(tfmot_keras_accuracy=r["final_accuracy"], tfmot_tflite_accuracy=t["accuracy"],
+                tfmot_top1_agreement=t["top1_agreement_with_keras"],
+                tfmot_tflite_bytes=t["bytes"])
+
+
 def run_seed(seed):
     import keras
     import numpy as np
@@ -157,7 +186,8 @@ def run_seed(seed):
                  if isinstance(l, mq_keras.ActivationQuantizer)][-1]
     lo, hi = (float(v) for v in out_layer.quantization_range())
     step = (hi - lo) / (2**FLAGS.activation_bits - 1)
-    return dict(seed=seed, float_model_accuracy=float_accuracy,
+    peer = _tfmot(model, seed) if FLAGS.tfmot else {}
+    return dict(seed=seed, float_model_accuracy=float_accuracy, **peer,
                 keras_accuracy=report["keras_accuracy"],
                 tflite_accuracy=report["tflite_accuracy"],
                 float_activation_accuracy=float(plain.evaluate(
@@ -170,6 +200,15 @@ def run_seed(seed):
 
 def main(argv):
     del argv
+    if FLAGS.tfmot:
+        import tfmot_runner
+
+        if FLAGS.model == "mobilenetv2":
+            raise app.UsageError("--tfmot covers --model=mnist and resnet20 (the TFMOT "
+                                 "peer script builds no MobileNetV2).")
+        if not tfmot_runner.tfmot_available():
+            raise app.UsageError("--tfmot needs the TFMOT venv: run "
+                                 "`bash examples/tfmot_setup.sh` first.")
     results = [run_seed(s) for s in range(FLAGS.seeds)]
     import numpy as np
 
@@ -178,7 +217,11 @@ def main(argv):
           f"{FLAGS.meta_network}, {FLAGS.steps} steps, "
           f"{FLAGS.seeds} seeds, {FLAGS.optimizer} lr {FLAGS.lr} (mean +- std, then per seed)")
     for key in ("float_model_accuracy", "keras_accuracy", "tflite_accuracy", "float_activation_accuracy",
-                "top1_agreement", "max_logit_diff_steps", "tflite_bytes", "step_ratio"):
+                "top1_agreement", "max_logit_diff_steps", "tflite_bytes", "step_ratio",
+                "tfmot_keras_accuracy", "tfmot_tflite_accuracy", "tfmot_top1_agreement",
+                "tfmot_tflite_bytes"):
+        if key not in results[0]:
+            continue
         vals = [r[key] for r in results]
         std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
         print(f"  {key:<26}{np.mean(vals):>12.4f} +- {std:.4f}   "

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import sys
 import re
 
 import pytest
@@ -59,6 +60,29 @@ def test_full_integer_smoke(tmp_path, run_python):
     (run,) = json.loads(out_json.read_text())
     assert run["top1_agreement"] >= 0.99 and run["step_ratio"] > 0
     assert "top1_agreement" in result.stdout and "+-" in result.stdout
+
+
+def test_full_integer_tfmot_names_what_it_covers(tmp_path, run_python):
+    result = run_python(_REPO / "examples" / "full_integer.py", "--model=mobilenetv2",
+                        "--tfmot", cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    assert "--tfmot covers --model=mnist and resnet20" in result.stdout + result.stderr
+
+
+@pytest.mark.usefixtures("mnist_available")
+def test_full_integer_tfmot_smoke(tmp_path, run_python):
+    sys.path.insert(0, str(_REPO / "examples"))
+    import tfmot_runner
+
+    if not tfmot_runner.tfmot_available():
+        pytest.skip("no usable .venv-tfmot (run examples/tfmot_setup.sh)")
+    out_json = tmp_path / "fi.json"
+    result = run_python(_REPO / "examples" / "full_integer.py", "--model=mnist", "--seeds=1",
+                        "--steps=10", "--test_limit=200", "--tfmot",
+                        f"--output_json={out_json}", cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = json.loads(out_json.read_text())
+    assert run["tfmot_top1_agreement"] > 0.9 and run["tfmot_tflite_bytes"] > 0
 
 
 @pytest.mark.usefixtures("mnist_available")
