@@ -4,7 +4,8 @@ Trains a model with quantized weights (MetaQuant, `--num_bits`) and 8-bit
 fake-quantized activations (`--activation_quantizer`, default "ema"), exports the
 full-integer file with no representative dataset (the ranges are the trained
 ones) and reports, per seed: Keras test accuracy, TFLite int8 accuracy, top-1
-agreement, the largest logit difference in output quantization steps, file
+agreement (also with Keras rounding its blocks as the file does,
+`mq_keras.file_rounding`), the largest logit difference in output quantization steps, file
 size; and the training-step cost of activation quantization (median step
 time with vs without it, the two runs interleaved epoch by epoch).
 
@@ -193,6 +194,8 @@ def run_seed(seed):
                 float_activation_accuracy=float(plain.evaluate(
                     xt, yt, verbose=0, return_dict=True)["accuracy"]),
                 top1_agreement=report["top1_agreement"],
+                file_rounding_top1_agreement=report.get("file_rounding_top1_agreement"),
+                file_rounding_identical=report.get("file_rounding_identical"),
                 max_logit_diff_steps=report["max_abs_diff"] / step,
                 tflite_bytes=len(blob),
                 step_ratio=statistics.median(t_fq[2:]) / statistics.median(t_plain[2:]))
@@ -217,10 +220,11 @@ def main(argv):
           f"{FLAGS.meta_network}, {FLAGS.steps} steps, "
           f"{FLAGS.seeds} seeds, {FLAGS.optimizer} lr {FLAGS.lr} (mean +- std, then per seed)")
     for key in ("float_model_accuracy", "keras_accuracy", "tflite_accuracy", "float_activation_accuracy",
-                "top1_agreement", "max_logit_diff_steps", "tflite_bytes", "step_ratio",
+                "top1_agreement", "file_rounding_top1_agreement", "file_rounding_identical",
+                "max_logit_diff_steps", "tflite_bytes", "step_ratio",
                 "tfmot_keras_accuracy", "tfmot_tflite_accuracy", "tfmot_top1_agreement",
                 "tfmot_tflite_bytes"):
-        if key not in results[0]:
+        if results[0].get(key) is None:
             continue
         vals = [r[key] for r in results]
         std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0

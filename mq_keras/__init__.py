@@ -12,6 +12,7 @@ from mq_keras.meta_networks import FCGrad, GainMLP, LSTMFC, MetaEWGS, MetaNetwor
 from mq_keras.models import MetaQuantModel
 from mq_keras.optimizers import PaperAdam
 from mq_keras.quantizers import BWN, DoReFa, Quantizer, Ternary, Uniform
+from mq_keras.requantization import file_rounding
 from mq_keras.summary import summary
 from mq_keras.wrap import quantize_model
 
@@ -21,6 +22,7 @@ __all__ = [
     "ActivationQuantizer", "BWN", "DoReFa", "FCGrad", "GainMLP", "LSTMFC", "MetaEWGS",
     "MetaNetwork",
     "MetaQuantModel", "MetaQuantWrapper", "MultiFC", "PaperAdam", "Quantizer",
-    "Ternary", "Uniform", "convert_to_tflite", "ewgs", "gradients", "meta_networks",
+    "Ternary", "Uniform", "convert_to_tflite", "ewgs", "file_rounding", "gradients",
+    "meta_networks",
     "quantize_model", "quantizers", "strip_model", "summary", "verify_tflite",
 ]

@@ -134,6 +134,35 @@ class ActivationQuantizer(keras.layers.Layer):
         self.step.assign(ops.where(first, step, self.step))
         self.seen.assign(1.0)
 
+    def set_file_rounding(self, rounding):
+        """Inference rounds as a full-integer file's filter op does (or not: None).
+
+        Set by `mq_keras.requantization.file_rounding` on the quantizer of a
+        convolution / Dense (+ BatchNorm, + ReLU) block. `rounding` holds
+        the op's `acc_scale` (float64, `s_in * s_w` per channel),
+        `scale` (float32, XNNPACK's `s_in * s_w / s_out`), `zero_point`,
+        `code_min`, `code_max` (int8 codes, the fused activation's clamp)
+        and `step` (`s_out`). See `_file_round`.
+        """
+        # Plain attribute: a dict of arrays, not state Keras should track.
+        object.__setattr__(self, "_file_rounding", rounding)
+
+    def _file_round(self, x, r):
+        """The file's requantization of the block output `x` (inference only).
+
+        The block's float output is `x = (acc + k) * acc_scale` up to float
+        round-off, `acc + k` the op's int32 accumulator plus bias, so
+        `a = round(x / acc_scale)` recovers it; then, as XNNPACK's fp32
+        requantization: `o = clip(rint(float32(a) * scale) + z, min, max)`
+        (half to even), and `y = (o - z) * s_out`.
+        """
+        x = tf.cast(x, tf.float64)
+        acc = tf.round(x / tf.constant(r["acc_scale"], tf.float64))
+        v = tf.cast(acc, tf.float32) * tf.constant(r["scale"], tf.float32)
+        z = float(r["zero_point"])
+        o = tf.clip_by_value(tf.round(v) + z, float(r["code_min"]), float(r["code_max"]))
+        return (o - z) * r["step"]
+
     def _track(self, x):
         x = ops.stop_gradient(ops.cast(x, "float32"))
         lo = ops.minimum(ops.min(x), 0.0)
@@ -152,6 +181,9 @@ class ActivationQuantizer(keras.layers.Layer):
         if training and self.range_mode == "lsq" and track_range:
             self._init_step(inputs)
         x = ops.cast(inputs, "float32")
+        rounding = getattr(self, "_file_rounding", None)
+        if rounding is not None and not training:
+            return ops.cast(self._file_round(x, rounding), inputs.dtype)
         if training and self.range_mode == "lsq":
             s, q_neg, q_pos = self._lsq_grid()
             y = lsq.lsq_fake_quant(x, s, q_neg, q_pos, num_bits=self.num_bits)

@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mq_keras import export_checks, int8_graph, integer_bias, tflite_weights
+from mq_keras import export_checks, int8_graph, integer_bias, requantization, tflite_weights
 from mq_keras.tflite_graph import affine_layers_as_depthwise, unroll_recurrent
 from mq_keras.layers import MetaQuantWrapper
 from mq_keras.models import MetaQuantModel, iter_layers
@@ -517,7 +517,12 @@ def verify_tflite(model, tflite_bytes, x, y=None, *, batch_size=256):
         A dict: `max_abs_diff` and `max_rel_diff` of the outputs,
         `top1_agreement` (fraction), `keras_accuracy` / `tflite_accuracy`
         (when `y` is given), `tflite_bytes`, `ops` and `flex_ops` (any op
-        that is not a TFLite builtin).
+        that is not a TFLite builtin). For a model trained with activation
+        quantizers and its full-integer file, also the same comparison with
+        Keras rounding its blocks as the file does
+        (`requantization.file_rounding`): `file_rounding_top1_agreement`,
+        `file_rounding_max_abs_diff`, `file_rounding_identical` (fraction
+        of outputs equal), `file_rounding_layers` (blocks so rounded).
     """
     tflite_bytes = tflite_weights.check_flatbuffer(tflite_bytes, "tflite_bytes")
     x = np.asarray(x, np.float32)
@@ -546,6 +551,17 @@ def verify_tflite(model, tflite_bytes, x, y=None, *, batch_size=256):
         y = np.asarray(y).reshape(-1)
         report["keras_accuracy"] = float(np.mean(ref.argmax(-1) == y))
         report["tflite_accuracy"] = float(np.mean(got.argmax(-1) == y))
+    graph = model.quantized_model if isinstance(model, MetaQuantModel) else model
+    if (is_graph_model(graph) and int8_graph.has_activation_ranges(graph)
+            and not int8_graph.float_ops(tflite_bytes)):
+        with requantization.file_rounding(model, tflite_bytes) as info:
+            if info["layers"]:
+                same = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+                report.update(
+                    file_rounding_top1_agreement=float(np.mean(got.argmax(-1) == same.argmax(-1))),
+                    file_rounding_max_abs_diff=float(np.abs(got - same).max()),
+                    file_rounding_identical=float(np.mean(got == same)),
+                    file_rounding_layers=len(info["layers"]))
     return report
 
 

@@ -55,12 +55,17 @@ def _single_input(layer):
 
 
 class _Folded:
-    """One kernel layer, the BatchNormalization folded into it, and `b'`."""
+    """One kernel layer, the BatchNormalization folded into it, and `b'`.
 
-    def __init__(self, name, inner, bn):
+    `end` is the model layer whose output is the filter op's (before a fused
+    activation): the BatchNormalization, or else the kernel layer.
+    """
+
+    def __init__(self, layer, inner, bn):
         # `inner` None: a standalone BatchNormalization, exported as a 1x1
         # depthwise convolution (`tflite_graph.affine_layers_as_depthwise`).
-        self.name, self.inner, self.bn = name, inner, bn
+        self.name, self.inner, self.bn = layer.name, inner, bn
+        self.end = bn if bn is not None else layer
         bias = getattr(inner, "bias", None) if getattr(inner, "use_bias", False) else None
         self.bias = bias
         b = np.zeros(self._channels(), np.float64) if bias is None else np.asarray(bias, np.float64)
@@ -107,10 +112,42 @@ def _folded_layers(model):
             producer = producer_of(tensor)
             if producer is not None:
                 bn_of[id(producer)] = layer
-    return [_Folded(layer.name, _kernel_layer(layer), bn_of.get(id(layer)))
+    return [_Folded(layer, _kernel_layer(layer), bn_of.get(id(layer)))
             for layer in model.layers if _kernel_layer(layer) is not None] + [
-        _Folded(layer.name, None, layer)
+        _Folded(layer, None, layer)
         for layer in model.layers if is_standalone_batch_norm(layer)]
+
+
+def matched_filter_ops(model, flatbuffer):
+    """Pairs each kernel layer (with its BatchNormalization) to its filter op.
+
+    A folded bias `b'` matches the op whose int32 bias `k * s` it equals
+    within `_MATCH_STEPS` output steps (after `align_biases`, exactly).
+
+    Returns:
+        `(pairs, unmatched)`: `(entry, op)` pairs, `entry` with `name`,
+        `end` (the layer whose output the op computes) and `folded`, `op` a
+        dict of `tflite_weights.filter_biases`; and the names of kernel
+        layers no op matched.
+    """
+    ops = tflite_weights.filter_biases(flatbuffer)
+    used = set()
+    pairs, unmatched = [], []
+    for entry in _folded_layers(model):
+        match = None
+        for i, op in enumerate(ops):
+            if i in used or op["codes"].shape != entry.folded.shape:
+                continue
+            grid = op["codes"] * op["scales"]
+            if np.all(np.abs(grid - entry.folded) <= _MATCH_STEPS * op["output_scale"]):
+                match = i
+                break
+        if match is None:
+            unmatched.append(entry.name)
+            continue
+        used.add(match)
+        pairs.append((entry, ops[match]))
+    return pairs, unmatched
 
 
 def align_biases(model, flatbuffer):
@@ -135,23 +172,9 @@ def align_biases(model, flatbuffer):
         keeps their shift), and `max_shift_steps` (the largest move, in
         output quantization steps of the layer's op).
     """
-    ops = tflite_weights.filter_biases(flatbuffer)
-    used = set()
-    aligned, unmatched, max_shift = 0, [], 0.0
-    for entry in _folded_layers(model):
-        match = None
-        for i, op in enumerate(ops):
-            if i in used or op["codes"].shape != entry.folded.shape:
-                continue
-            grid = op["codes"] * op["scales"]
-            if np.all(np.abs(grid - entry.folded) <= _MATCH_STEPS * op["output_scale"]):
-                match = i
-                break
-        if match is None:
-            unmatched.append(entry.name)
-            continue
-        used.add(match)
-        op = ops[match]
+    pairs, unmatched = matched_filter_ops(model, flatbuffer)
+    aligned, max_shift = 0, 0.0
+    for entry, op in pairs:
         delta = entry.folded - op["codes"] * op["scales"]
         if not entry.shift(delta):
             unmatched.append(entry.name)

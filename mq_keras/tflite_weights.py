@@ -402,6 +402,15 @@ def regrid_int8_filters(int8_flatbuffer, float_flatbuffer):
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), changed
 
 
+def _scale(tensor, shape=None):
+    """A tensor's float32 quantization scale (broadcast to `shape`), or None."""
+    q = tensor.quantization
+    if q is None or q.scale is None or len(q.scale) == 0:
+        return None
+    scale = np.asarray(q.scale, np.float32)
+    return np.array(np.broadcast_to(scale, shape)) if shape is not None else scale[0]
+
+
 def filter_biases(flatbuffer):
     """The int32 biases of a full-integer file's filter ops, in op order.
 
@@ -409,8 +418,12 @@ def filter_biases(flatbuffer):
         A list with one dict per CONV_2D / DEPTHWISE_CONV_2D /
         FULLY_CONNECTED / TRANSPOSE_CONV op that has an int32 bias:
         `codes` (int64 array, one per output channel), `scales` (float64,
-        the bias scale `input_scale * filter_scale` per channel) and
-        `output_scale` (float, the op's output quantization step).
+        the bias scale `input_scale * filter_scale` per channel),
+        `output_scale` (float, the op's output quantization step),
+        `output_zero_point` (int), `input_scale` (float32, None if the
+        input is not quantized), `filter_scales` (float32 per output
+        channel, None if the filter is not quantized) and `activation` (the
+        op's fused `ActivationFunctionType`: 0 none, 1 RELU, 3 RELU6, ...).
     """
     model = _read_model(flatbuffer)
     found = []
@@ -425,6 +438,12 @@ def filter_biases(flatbuffer):
             continue
         codes = np.frombuffer(bytes(data), np.int32).astype(np.int64)
         scales = np.broadcast_to(np.asarray(bias.quantization.scale, np.float64), codes.shape)
-        found.append(dict(codes=codes, scales=np.array(scales),
-                          output_scale=float(np.asarray(out.quantization.scale)[0])))
+        inp = sg.tensors[int(op.inputs[bias_index - 1 if bias_index == 3 else 0])]
+        filt = sg.tensors[int(op.inputs[1])]
+        found.append(dict(
+            codes=codes, scales=np.array(scales),
+            output_scale=float(np.asarray(out.quantization.scale)[0]),
+            output_zero_point=int(np.asarray(out.quantization.zeroPoint)[0]),
+            input_scale=_scale(inp), filter_scales=_scale(filt, codes.shape),
+            activation=int(getattr(op.builtinOptions, "fusedActivationFunction", 0) or 0)))
     return found

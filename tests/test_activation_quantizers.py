@@ -150,6 +150,10 @@ def test_mnist_full_integer_file_computes_what_training_saw(tmp_path, kind):
     assert int8_graph.float_ops(blob) == []
     report = mqk.verify_tflite(q, blob, xt, yt)
     assert report["top1_agreement"] >= 0.999
+    # Rounding its three blocks as the file's kernels do, Keras computes
+    # the file's very outputs (max-pooling and flatten keep the scale).
+    assert report["file_rounding_layers"] == 3
+    assert report["file_rounding_identical"] == 1.0
     # Every trained range is in the file: scale (hi - lo) / 255.
     scales = {round(float(d["quantization"][0]), 9)
               for d in mqk.export.make_interpreter(blob).get_tensor_details()

@@ -2,8 +2,8 @@
 
 import json
 import pathlib
-import sys
 import re
+import sys
 
 import pytest
 

@@ -8,19 +8,7 @@ import tensorflow as tf
 
 import mq_keras as mqk
 from mq_keras import integer_bias, tflite_weights
-
-
-def _residual_cnn():
-    """Conv-BN-ReLU, conv-BN + shortcut add, a biased conv without BN, Dense."""
-    inputs = keras.Input((12, 12, 3))
-    x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
-    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
-    y = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(x)
-    y = keras.layers.BatchNormalization()(y)
-    x = keras.layers.ReLU()(keras.layers.Add()([x, y]))
-    x = keras.layers.Conv2D(24, 3, strides=2, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, keras.layers.Dense(5)(x))
+from tiny_models import residual_cnn
 
 
 def _trained(seed=0):
@@ -28,7 +16,7 @@ def _trained(seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(256, 12, 12, 3)).astype("float32")
     y = rng.integers(0, 5, 256)
-    q = mqk.quantize_model(_residual_cnn(), num_bits=4, activation_quantizer="ema",
+    q = mqk.quantize_model(residual_cnn(), num_bits=4, activation_quantizer="ema",
                            verbose=False)
     q.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
               meta_optimizer=mqk.PaperAdam(1e-3),

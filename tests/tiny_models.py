@@ -15,3 +15,22 @@ def tiny_cnn():
     x = keras.layers.ReLU()(x)
     x = keras.layers.Flatten()(x)
     return keras.Model(inp, keras.layers.Dense(3, name="fc")(x), name="cnn")
+
+
+def residual_cnn(*, head="average"):
+    """Conv-BN-ReLU, conv-BN + shortcut add, a strided conv with its own ReLU,
+    then global average pooling (`head="average"`) or max-pooling and
+    flatten (`head="flatten"`: no op between the convolutions and the Dense
+    that requantizes), and a Dense."""
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    y = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(x)
+    y = keras.layers.BatchNormalization()(y)
+    x = keras.layers.ReLU()(keras.layers.Add()([x, y]))
+    x = keras.layers.Conv2D(24, 3, strides=2, activation="relu")(x)
+    if head == "average":
+        x = keras.layers.GlobalAveragePooling2D()(x)
+    else:
+        x = keras.layers.Flatten()(keras.layers.MaxPooling2D()(x))
+    return keras.Model(inputs, keras.layers.Dense(5)(x))
