@@ -353,8 +353,11 @@ def convert_to_tflite(model, *, mode="weights", representative_dataset=None,
             the trained ones, no dataset is taken, and a file with any op
             left in float is refused; with `align_biases` (default) the
             model's folded biases are then moved onto the file's int32 bias
-            grid so that the two compute the same integers. Otherwise ranges are calibrated on
-            `representative_dataset`; each
+            grid so that the two compute the same integers up to float
+            round-off at rounding boundaries; inside
+            `mq_keras.file_rounding(model, file)` the model's inference
+            rounds its blocks as the file's kernels do. Otherwise ranges
+            are calibrated on `representative_dataset`; each
             quantized filter is then moved from the converter's max|w|/127
             scale onto its exact grid (`tflite_weights.regrid_int8_filters`).
         "float": no quantized storage at all (float32 kernels holding Q(W)).

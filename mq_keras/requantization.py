@@ -23,10 +23,13 @@ fake-quant rounding.
 """
 
 import contextlib
+import math
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-from mq_keras import integer_bias
+from mq_keras import integer_bias, tflite_weights
 from mq_keras.activation_graph import producer_of
 from mq_keras.activation_quantizers import ActivationQuantizer
 from mq_keras.models import MetaQuantModel
@@ -74,6 +77,16 @@ def _quantizer_after(layer, readers, calls, activation):
     return after[0] if calls.get(id(after[0])) == 1 else None
 
 
+def _clamp(activation, zero_point, step):
+    """Int8 code bounds of a fused activation (None for one not handled)."""
+    code_min, code_max = -128, 127
+    if activation in (_RELU, _RELU6):
+        code_min = max(code_min, zero_point)
+    if activation == _RELU6:
+        code_max = min(code_max, zero_point + int(np.rint(np.float32(6.0) / np.float32(step))))
+    return (code_min, code_max) if activation in (_NONE, _RELU, _RELU6) else None
+
+
 def _rounding(op):
     """The `ActivationQuantizer.set_file_rounding` parameters of a filter op."""
     if op["input_scale"] is None or op["filter_scales"] is None:
@@ -82,17 +95,70 @@ def _rounding(op):
     s_w = op["filter_scales"].astype(np.float32)
     s_out = np.float32(op["output_scale"])
     z = op["output_zero_point"]
-    code_min, code_max = -128, 127
-    if op["activation"] == _RELU:
-        code_min = max(code_min, z)
-    elif op["activation"] == _RELU6:
-        code_min = max(code_min, z)
-        code_max = min(code_max, z + int(np.rint(np.float32(6.0) / s_out)))
-    elif op["activation"] != _NONE:
+    bounds = _clamp(op["activation"], z, s_out)
+    if bounds is None:
         return None
     return dict(acc_scale=s_in.astype(np.float64) * s_w.astype(np.float64),
                 scale=(s_in * s_w) / s_out,  # float32, in XNNPACK's order
-                zero_point=z, code_min=code_min, code_max=code_max, step=float(s_out))
+                zero_point=z, code_min=bounds[0], code_max=bounds[1], step=float(s_out))
+
+
+def _step(aq):
+    lo, hi = (float(v) for v in aq.quantization_range())
+    return (hi - lo) / (2**aq.num_bits - 1)
+
+
+def _close(a, b):
+    return abs(a - b) <= 1e-5 * abs(b)
+
+
+def _xnnpack_add(operand_scales, out, bounds):
+    """A Keras `Add.call` that computes the file's int8 ADD as XNNPACK does.
+
+    With each operand's code `d_i = q_i - z_i = round(x_i / s_i)`, the
+    ratios `r_i = float32(s_i / s_out)`, a shift that puts the larger ratio
+    in `[2^20, 2^21)` and multipliers `m_i = rint(r_i 2^shift)`:
+    `o = clip(floor((sum_i m_i d_i + 2^(shift-1)) / 2^shift) + z_out)`
+    (integers, exact in float64), and `y = (o - z_out) s_out`, on the grid
+    of the quantizer after it, which leaves it unchanged. Checked against
+    LiteRT on every pair of int8 inputs (12 random scale sets, with and
+    without a fused ReLU): identical; rounding the exact sum instead is off
+    on 1-6 of 65,536.
+    """
+    s_out, z = out
+    ratios = [np.float32(np.float32(s) / np.float32(s_out)) for s in operand_scales]
+    shift = 21 - math.frexp(float(max(ratios)))[1]
+    multipliers = [float(np.rint(np.ldexp(np.float64(r), shift))) for r in ratios]
+
+    def call(inputs, *args, **kwargs):
+        acc = 2.0 ** (shift - 1)
+        for x, s, m in zip(inputs, operand_scales, multipliers):
+            acc += tf.round(tf.cast(x, tf.float64) / s) * m
+        o = tf.clip_by_value(tf.floor(acc / 2.0**shift) + z, bounds[0], bounds[1])
+        return tf.cast((o - z) * s_out, inputs[0].dtype)
+
+    return call
+
+
+def _match_add(op, node, file_adds, readers, calls):
+    """`(call, file op index)` making a Keras Add compute its file ADD, or None."""
+    producers = [producer_of(t) for t in node.input_tensors]
+    if len(producers) != 2 or not all(
+            isinstance(p, ActivationQuantizer) and p.num_bits == 8 for p in producers):
+        return None
+    steps = [_step(p) for p in producers]
+    for i, file_op in enumerate(file_adds):
+        aq = _quantizer_after(op, readers, calls, file_op["activation"])
+        s_out, z = file_op["output"]
+        bounds = _clamp(file_op["activation"], z, s_out)
+        if aq is None or aq.num_bits != 8 or bounds is None or not _close(_step(aq), s_out):
+            continue
+        # The file's inputs may come in either order; match them by scale.
+        scales = [s for s, _ in file_op["inputs"]]
+        for order in (scales, scales[::-1]):
+            if all(_close(a, float(b)) for a, b in zip(steps, order)):
+                return _xnnpack_add([float(b) for b in order], (float(s_out), z), bounds), i
+    return None
 
 
 def _graph(model):
@@ -139,10 +205,27 @@ def file_rounding(model, flatbuffer):
             continue
         aq.set_file_rounding(rounding)
         configured.append(aq)
+    adds, file_adds, used = [], tflite_weights.add_ops(flatbuffer), set()
+    for node in _graph_nodes(graph):
+        op = node.operation
+        if not isinstance(op, keras.layers.Add) or calls.get(id(op)) != 1:
+            continue
+        found = _match_add(op, node, [a for i, a in enumerate(file_adds) if i not in used],
+                           readers, calls)
+        if found is None:
+            unmatched.append(op.name)
+            continue
+        used.add([i for i in range(len(file_adds)) if i not in used][found[1]])
+        # This instance only, for the duration of the context.
+        object.__setattr__(op, "call", found[0])
+        adds.append(op)
     _reset_compiled(model)
     try:
-        yield dict(layers=[aq.name for aq in configured], unmatched=unmatched)
+        yield dict(layers=[aq.name for aq in configured] + [op.name for op in adds],
+                   unmatched=unmatched)
     finally:
         for aq in configured:
             aq.set_file_rounding(None)
+        for op in adds:
+            object.__delattr__(op, "call")
         _reset_compiled(model)

@@ -411,6 +411,31 @@ def _scale(tensor, shape=None):
     return np.array(np.broadcast_to(scale, shape)) if shape is not None else scale[0]
 
 
+def add_ops(flatbuffer):
+    """The quantization of a full-integer file's ADD ops, in op order.
+
+    Returns:
+        A list with one dict per ADD with quantized inputs and output:
+        `inputs` (`(scale, zero_point)` of each input, scale float32),
+        `output` (the same for its output) and `activation` (fused
+        `ActivationFunctionType`).
+    """
+    model = _read_model(flatbuffer)
+    found = []
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            if _op_code(model, op) != schema.BuiltinOperator.ADD:
+                continue
+            tensors = [sg.tensors[int(i)] for i in list(op.inputs) + list(op.outputs)]
+            params = [(_scale(t), t.quantization) for t in tensors]
+            if any(scale is None for scale, _ in params):
+                continue
+            pairs = [(scale, int(np.asarray(q.zeroPoint)[0])) for scale, q in params]
+            found.append(dict(inputs=pairs[:-1], output=pairs[-1], activation=int(
+                getattr(op.builtinOptions, "fusedActivationFunction", 0) or 0)))
+    return found
+
+
 def filter_biases(flatbuffer):
     """The int32 biases of a full-integer file's filter ops, in op order.
 
