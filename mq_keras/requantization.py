@@ -142,14 +142,17 @@ def _xnnpack_add(operand_scales, out, bounds):
     return call
 
 
-def _match_add(op, node, file_adds, readers, calls):
-    """`(call, file op index)` making a Keras Add compute its file ADD, or None."""
+def _match_add(op, node, file_adds, used, readers, calls):
+    """`(call, index)` making a Keras Add compute the file ADD `file_adds[index]`
+    (one not in `used`), or None."""
     producers = [producer_of(t) for t in node.input_tensors]
     if len(producers) != 2 or not all(
             isinstance(p, ActivationQuantizer) and p.num_bits == 8 for p in producers):
         return None
     steps = [_step(p) for p in producers]
     for i, file_op in enumerate(file_adds):
+        if i in used:
+            continue
         aq = _quantizer_after(op, readers, calls, file_op["activation"])
         s_out, z = file_op["output"]
         bounds = _clamp(file_op["activation"], z, s_out)
@@ -192,7 +195,8 @@ def file_rounding(model, flatbuffer):
     """
     graph = _graph(model)
     pairs, unmatched = integer_bias.matched_filter_ops(graph, flatbuffer)
-    readers, calls = _consumers(_graph_nodes(graph))
+    nodes = _graph_nodes(graph)
+    readers, calls = _consumers(nodes)
     configured = []
     for entry, op in pairs:
         rounding = _rounding(op)
@@ -200,24 +204,21 @@ def file_rounding(model, flatbuffer):
         if aq is None:
             unmatched.append(entry.name)
             continue
-        lo, hi = (float(v) for v in aq.quantization_range())
-        step = (hi - lo) / (2**aq.num_bits - 1)
-        if aq.num_bits != 8 or abs(step - rounding["step"]) > 1e-5 * step:
+        if aq.num_bits != 8 or not _close(_step(aq), rounding["step"]):
             unmatched.append(entry.name)  # not the file's int8 grid
             continue
         aq.set_file_rounding(rounding)
         configured.append(aq)
     adds, file_adds, used = [], tflite_weights.add_ops(flatbuffer), set()
-    for node in _graph_nodes(graph):
+    for node in nodes:
         op = node.operation
         if not isinstance(op, keras.layers.Add) or calls.get(id(op)) != 1:
             continue
-        found = _match_add(op, node, [a for i, a in enumerate(file_adds) if i not in used],
-                           readers, calls)
+        found = _match_add(op, node, file_adds, used, readers, calls)
         if found is None:
             unmatched.append(op.name)
             continue
-        used.add([i for i in range(len(file_adds)) if i not in used][found[1]])
+        used.add(found[1])
         # This instance only, for the duration of the context.
         object.__setattr__(op, "call", found[0])
         adds.append(op)
